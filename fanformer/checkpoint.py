@@ -1,0 +1,186 @@
+"""Checkpoint directories in the Hugging Face layout, written atomically, never pickled.
+
+    config.json              transformers config (model_type "fanformer") = FANformerConfig fields
+    model.safetensors        weights, keys of `FANformer.state_dict()` (tied lm_head omitted)
+    tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
+    generation_config.json
+    training_state.safetensors + trainer_state.json   (only while training: optimizer, RNG, step)
+
+A directory is written beside its destination under a temporary name and swapped in
+with renames, so a crash leaves the old checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fanformer.config import FANformerConfig
+from fanformer.errors import FANformerError
+from fanformer.model import FANformer
+from fanformer.tokenizer import TOKENIZER_FILE
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TRAINING_STATE_FILE = "training_state.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+
+# The seed card's inference defaults.
+DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 100, "top_p": 0.85}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() or (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def check_output_dir(out: str | Path, force: bool) -> Path:
+    """Refuse to overwrite an existing checkpoint (or any non-empty folder) without --force."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FANformerError(f"output path {out} is a file; give a directory with --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a checkpoint" if is_checkpoint(out) else "files"
+        raise FANformerError(f"output directory {out} already holds {what}; "
+                             "choose another --out, or pass --force to overwrite it")
+    return out
+
+
+def write_directory_atomically(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)`, then swap tmp_dir in as `out` (the old one is removed last)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        _make_readable(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp/mkstemp create owner-only files; give the checkpoint the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def hf_config_dict(config: FANformerConfig, special_ids: dict[str, int]) -> dict:
+    """config.json content: the config fields plus what transformers needs to dispatch."""
+    from fanformer.hf import MODEL_TYPE  # transformers is imported lazily: it is slow to import
+
+    return {"model_type": MODEL_TYPE, "architectures": ["FANformerForCausalLM"],
+            "tie_word_embeddings": config.tie_embeddings, **special_ids, **config.to_dict()}
+
+
+def model_state_dict(model: FANformer) -> dict[str, torch.Tensor]:
+    """Weights to store: contiguous CPU tensors, the tied LM head left out (safetensors
+    refuses shared storage; loading re-ties it)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(out: str | Path, model: FANformer, tokenizer, *,
+                    training_state: tuple[dict[str, torch.Tensor], dict] | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write a complete checkpoint directory at `out`, replacing any previous one.
+    `extra_files` maps file names to text written alongside (e.g. the metrics log)."""
+    from fanformer.tokenizer import save_tokenizer, special_token_ids
+
+    config = model.config
+    special = special_token_ids(tokenizer)
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, special), indent=2))
+        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tokenizer(tokenizer, tmp, model_max_length=config.max_seq_len)
+        generation = {**special, **DEFAULT_SAMPLING, "max_length": config.max_seq_len}
+        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2))
+        if training_state is not None:
+            tensors, state = training_state
+            save_file(tensors, str(tmp / TRAINING_STATE_FILE))
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return write_directory_atomically(out, write)
+
+
+def load_config(path: str | Path) -> FANformerConfig:
+    path = Path(path)
+    if not path.exists():
+        raise FANformerError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FANformerError(f"{path} is not a checkpoint directory (expected a folder with {', '.join(REQUIRED_FILES)})")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise FANformerError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
+    return FANformerConfig.from_file(path)
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FANformerError(f"{path} is corrupted or truncated ({err}); re-create it from a good copy") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> FANformer:
+    """Rebuild the model from config.json and load model.safetensors, strictly."""
+    path = Path(path)
+    config = load_config(path)
+    with torch.device("meta"):
+        model = FANformer(config)
+    state = load_safetensors(path / WEIGHTS_FILE)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise FANformerError(
+            f"{path / WEIGHTS_FILE} does not match its config.json: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; the checkpoint is damaged or mixed from two models")
+    shapes = model.state_dict()
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(shapes[key].shape):
+            raise FANformerError(f"{path / WEIGHTS_FILE}: tensor {key} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(shapes[key].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    tensors_file, state_file = path / TRAINING_STATE_FILE, path / TRAINER_STATE_FILE
+    if not (tensors_file.is_file() and state_file.is_file()):
+        raise FANformerError(f"{path} has no training state to resume from "
+                             f"(expected {TRAINING_STATE_FILE} and {TRAINER_STATE_FILE})")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as err:
+        raise FANformerError(f"{state_file} is corrupted ({err})") from None
+    return load_safetensors(tensors_file), state

@@ -1,0 +1,314 @@
+"""Training: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast on CUDA, DDP.
+
+Batches are a pure function of (seed, step, rank, micro-step): random windows of the
+training tokens drawn from a generator seeded by the step. The data position is
+therefore just the step, resuming is exact, and a torchrun job of N processes sees
+the same global batch as one process with N times the micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fanformer.checkpoint import save_checkpoint
+from fanformer.errors import FANformerError
+from fanformer.model import FANformer
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps in the whole run (the schedule's length)
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 0  # 0 = the model's max_seq_len
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 20
+    save_every: int = 500  # 0 = only at the end
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+    stop_at: int = 0  # stop (and checkpoint) after this step, to be resumed later; 0 = run to max_steps
+    extra: dict = field(default_factory=dict)  # run metadata kept in trainer_state.json
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise FANformerError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "stop_at"):
+            if getattr(self, name) < 0:
+                raise FANformerError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise FANformerError("lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
+
+
+# --- Pure pieces --------------------------------------------------------------
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_starts(n_tokens: int, seq_len: int, count: int, seed: int, step: int) -> np.ndarray:
+    """Start offsets of the `count` windows of optimizer step `step` (the global batch)."""
+    if n_tokens <= seq_len + 1:
+        raise FANformerError(f"the training split has {n_tokens} tokens, fewer than one sequence of "
+                             f"{seq_len + 1}; use more data or a smaller --seq-len")
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - seq_len - 1, size=count)
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (B, seq_len) at the given offsets."""
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linears, embeddings); never norms, biases or residual gates."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
+             max_batches: int, device: torch.device) -> float | None:
+    """Mean next-token loss over consecutive non-overlapping windows of a held-out split."""
+    n_windows = min((len(tokens) - 1) // seq_len, max_batches * batch_size)
+    if n_windows == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for first in range(0, n_windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len
+        x, y = windows(tokens, starts, seq_len)
+        with autocast(device):
+            logits = model(x.to(device))
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- Distributed --------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Dist(rank, world, local_rank)
+
+
+def default_device(dist_info: Dist) -> torch.device:
+    return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+# --- Training state (no pickle: tensors to safetensors, the rest to JSON) -----------
+
+def pack_training_state(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig,
+                        tokens_seen: int) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+    state = {"step": step, "tokens_seen": tokens_seen, "data_position": {"seed": config.seed, "step": step},
+             "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps, "max_steps": config.max_steps,
+                          "min_lr_ratio": config.min_lr_ratio},
+             "train_config": asdict(config), "optimizer": {"param_groups": groups, "scalars": scalars}}
+    return tensors, state
+
+
+def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                          state: dict, device: torch.device) -> int:
+    """Restore optimizer and RNG state; returns the step to continue from."""
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
+    for idx, values in state["optimizer"]["scalars"].items():
+        opt_state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return int(state["step"])
+
+
+# --- The loop -----------------------------------------------------------------
+
+def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
+          config: TrainConfig, out: str | Path, resume: tuple[dict, dict] | None = None,
+          progress: bool = True) -> dict:
+    """Train `model` in place and write checkpoints to `out`; returns the last metrics."""
+    out = Path(out)
+    dist_info = init_distributed()
+    device = default_device(dist_info)
+    model.to(device).train()
+    seq_len = config.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    step, tokens_seen = 0, 0
+    if resume is not None:
+        step = unpack_training_state(optimizer, *resume, device=device)
+        tokens_seen = int(resume[1].get("tokens_seen", 0))
+    net: torch.nn.Module = model
+    if dist_info.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+
+    global_batch = config.batch_size * config.grad_accum * dist_info.world
+    stop = min(config.max_steps, config.stop_at or config.max_steps)
+    last: dict = {}
+    bar = tqdm(total=stop, initial=step, desc="train", disable=not (progress and dist_info.main),
+               dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        if dist_info.main:
+            log_text = "".join(json.dumps(r) + "\n" for r in metrics)
+            save_checkpoint(out, model, tokenizer, extra_files={METRICS_FILE: log_text},
+                            training_state=pack_training_state(optimizer, step, config, tokens_seen))
+
+    # Records after the checkpoint we resume from belong to steps about to be redone.
+    metrics = [r for r in _read_metrics(out) if r["step"] <= step] if resume is not None else []
+    if dist_info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            (out / METRICS_FILE).write_text("")
+    t0, tokens_since = time.perf_counter(), 0
+    while step < stop:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = batch_starts(len(train_tokens), seq_len, global_batch, config.seed, step)
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            first = (micro * dist_info.world + dist_info.rank) * config.batch_size
+            x, y = windows(train_tokens, starts[first:first + config.batch_size], seq_len)
+            sync = micro == config.grad_accum - 1 or dist_info.world == 1
+            ctx = contextlib.nullcontext() if sync else net.no_sync()
+            with ctx, autocast(device):
+                loss = lm_loss(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            (loss / config.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) \
+            if config.grad_clip > 0 else torch.tensor(0.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += global_batch * seq_len
+        tokens_since += global_batch * seq_len
+        train_loss = loss_sum.item() / config.grad_accum
+        if dist_info.world > 1:
+            reduced = torch.tensor([train_loss], device=device)
+            dist.all_reduce(reduced)
+            train_loss = reduced.item() / dist_info.world
+        bar.update(1)
+        record = None
+        if step % config.log_every == 0 or step == stop:
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": tokens_seen, "tok_per_s": round(tokens_since / max(elapsed, 1e-9), 1)}
+            t0, tokens_since = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+        if (config.eval_every and step % config.eval_every == 0) or step == stop:
+            val = evaluate(model, val_tokens, seq_len, config.batch_size, config.eval_batches, device)
+            if val is not None:
+                record = record or {"step": step, "loss": round(train_loss, 6), "tokens": tokens_seen}
+                record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50.0)), 3))
+                bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
+        if record is not None and dist_info.main:
+            metrics.append(record)
+            with open(out / METRICS_FILE, "a") as f:  # live log; each checkpoint rewrites it whole
+                f.write(json.dumps(record) + "\n")
+            last = record
+        if (config.save_every and step % config.save_every == 0) or step == stop:
+            checkpoint()
+    bar.close()
+    if dist_info.world > 1:
+        dist.barrier()
+    return last
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
