@@ -177,8 +177,9 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     path = Path(path)
     tensors_file, state_file = path / TRAINING_STATE_FILE, path / TRAINER_STATE_FILE
     if not (tensors_file.is_file() and state_file.is_file()):
-        raise FANformerError(f"{path} has no training state to resume from "
-                             f"(expected {TRAINING_STATE_FILE} and {TRAINER_STATE_FILE})")
+        raise FANformerError(f"{path} has no training state to resume from (expected {TRAINING_STATE_FILE} "
+                             f"and {TRAINER_STATE_FILE}; a run stopped before its first checkpoint "
+                             "leaves none): start it again with --force")
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:

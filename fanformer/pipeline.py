@@ -55,8 +55,10 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
         config = load_config(out)
         resume_state = load_training_state(out)
         saved = resume_state[1]["train_config"]
-        train_config = TrainConfig(**{**saved, **train_overrides})
+        # stop_at ends one invocation; a resumed run goes on to max_steps unless told again.
+        train_config = TrainConfig(**{**saved, "stop_at": 0, **train_overrides})
         data = data or saved["extra"].get("data")
+        preset = saved["extra"].get("preset", preset)
         tokenizer_path = str(out)
     else:
         if dist_info.main:
@@ -78,14 +80,16 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise FANformerError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
                              f"vocab_size is {config.vocab_size}; raise --vocab-size")
-    log.info("data: %d files, %s train / %s val tokens", len(files), f"{len(splits.train):,}", f"{len(splits.val):,}")
+    if dist_info.main:
+        log.info("data: %d files, %s train / %s val tokens", len(files), f"{len(splits.train):,}", f"{len(splits.val):,}")
 
     if resume:
         model = load_model(out)
     else:
         torch.manual_seed(train_config.seed)
         model = FANformer(config)
-    log.info("model: %s parameters", f"{count_parameters(model):,}")
+    if dist_info.main:
+        log.info("model: %s parameters", f"{count_parameters(model):,}")
     last = train(model, tokenizer, splits.train, splits.val, train_config, out, resume=resume_state,
                  progress=progress)
     if dist_info.main:

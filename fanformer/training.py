@@ -77,13 +77,17 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def check_enough_tokens(n_tokens: int, seq_len: int) -> None:
+    if n_tokens < seq_len + 1:
+        raise FANformerError(f"the training split has {n_tokens} tokens, fewer than one window of "
+                             f"{seq_len + 1} (seq_len + 1); use more data or a smaller --seq-len")
+
+
 def batch_starts(n_tokens: int, seq_len: int, count: int, seed: int, step: int) -> np.ndarray:
     """Start offsets of the `count` windows of optimizer step `step` (the global batch)."""
-    if n_tokens <= seq_len + 1:
-        raise FANformerError(f"the training split has {n_tokens} tokens, fewer than one sequence of "
-                             f"{seq_len + 1}; use more data or a smaller --seq-len")
+    check_enough_tokens(n_tokens, seq_len)
     rng = np.random.default_rng([seed, step])
-    return rng.integers(0, n_tokens - seq_len - 1, size=count)
+    return rng.integers(0, n_tokens - seq_len, size=count)  # the last window ends at n_tokens
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +224,7 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
     seq_len = config.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    check_enough_tokens(len(train_tokens), seq_len)  # before anything is written to `out`
 
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), fused=device.type == "cuda")
@@ -227,6 +232,9 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
     if resume is not None:
         step = unpack_training_state(optimizer, *resume, device=device)
         tokens_seen = int(resume[1].get("tokens_seen", 0))
+        if step >= config.max_steps:
+            raise FANformerError(f"{out} has already trained {step} of --max-steps {config.max_steps}; "
+                                 "pass a larger --max-steps to train further")
     net: torch.nn.Module = model
     if dist_info.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -250,8 +258,8 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
     metrics = [r for r in _read_metrics(out) if r["step"] <= step] if resume is not None else []
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            (out / METRICS_FILE).write_text("")
+        # The live log restarts from what the checkpoint knows (nothing, for a new run).
+        (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in metrics))
     t0, tokens_since = time.perf_counter(), 0
     while step < stop:
         lr = lr_at(step, config)
@@ -293,7 +301,8 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
             if val is not None:
                 record = record or {"step": step, "loss": round(train_loss, 6), "tokens": tokens_seen}
                 record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50.0)), 3))
-                bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
+                if dist_info.main:
+                    bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
         if record is not None and dist_info.main:
             metrics.append(record)
             with open(out / METRICS_FILE, "a") as f:  # live log; each checkpoint rewrites it whole

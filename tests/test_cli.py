@@ -1,0 +1,250 @@
+"""Tests for fanformer.cli: every mistake a user can make exits 2 with one line on
+stderr, no traceback, and nothing half-written; `info` reports exact sizes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fanformer.checkpoint import (
+    CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_STATE_FILE,
+    WEIGHTS_FILE,
+    load_model,
+)
+from fanformer.cli import main
+from fanformer.config import FANformerConfig
+from fanformer.errors import FANformerError
+from fanformer.model import FANformer, count_parameters
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "fanformer"
+TINY = ["--vocab-size", "400", "--max-seq-len", "64"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: a second OpenMP thread only spin-waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Real Python source (the json package), 40 lines per document."""
+    stdlib_json = Path(json.__file__).parent
+    docs = []
+    for path in sorted(stdlib_json.glob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        docs += ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)]
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "code.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(monkeypatch, cache_dir):
+    monkeypatch.setenv("FANFORMER_CACHE", str(cache_dir))
+
+
+def train_args(corpus, out, *extra) -> list[str]:
+    return ["train", "--data", str(corpus), "--out", str(out), "--quiet", *TINY,
+            "--max-steps", "2", "--batch-size", "2", "--eval-batches", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    """A real 2-step checkpoint with training state; tests copy it before damaging it."""
+    out = tmp_path_factory.mktemp("trained") / "ckpt"
+    assert main(train_args(corpus, out)) == 0
+    return out
+
+
+@pytest.fixture
+def ckpt(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "ckpt"))
+
+
+def fails(capsys, argv, *fragments) -> str:
+    """Run the CLI in-process; it must exit 2 with exactly one error line, no traceback."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"fanformer {argv[0]}: error: "), err
+    for fragment in fragments:
+        assert fragment in errors[0]
+    return errors[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    return sorted(parent.glob(f".{name}.tmp-*")) + sorted(parent.glob(f".{name}.old-*"))
+
+
+# --- Bad data -------------------------------------------------------------------
+
+def test_missing_data_path(capsys, tmp_path):
+    out = tmp_path / "run"
+    fails(capsys, train_args(tmp_path / "nope", out), "does not exist")
+    assert not out.exists() and not leftovers(tmp_path, "run")
+
+
+def test_empty_data_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails(capsys, train_args(tmp_path / "empty", tmp_path / "run"), "has no")
+    assert not (tmp_path / "run").exists()
+
+
+def test_glob_matching_nothing(capsys, tmp_path):
+    fails(capsys, train_args(tmp_path / "*.nothing", tmp_path / "run"), "matches nothing")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corpus_too_small_leaves_no_output(capsys, tmp_path):
+    """Fails only once training starts (the train split is shorter than one window):
+    the --out folder must still not be created."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.py").write_text("def f():\n    return 1\n")
+    out = tmp_path / "run"
+    fails(capsys, train_args(tmp_path / "data", out), "fewer than one window")
+    assert not out.exists() and not leftovers(tmp_path, "run")
+
+
+# --- Bad presets and config values ---------------------------------------------------
+
+def test_unknown_preset_train(capsys, corpus, tmp_path):
+    fails(capsys, train_args(corpus, tmp_path / "run", "--preset", "huge"), "huge", "tiny")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset_info(capsys):
+    fails(capsys, ["info", "--preset", "huge"], "huge", "tiny")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-heads", "4", "--n-kv-heads", "3"], "divisible by n_kv_heads"),
+    (["--p", "0.5"], "p must be in [0, 0.5)"),
+    (["--p", "-0.1"], "p must be in [0, 0.5)"),
+    (["--norm", "foo"], "norm must be one of"),
+])
+@pytest.mark.parametrize("command", ["train", "info"])
+def test_invalid_config_values(capsys, corpus, tmp_path, command, flags, message):
+    if command == "train":
+        argv = train_args(corpus, tmp_path / "run", *flags)
+    else:
+        argv = ["info", "--preset", "tiny", *flags]
+    fails(capsys, argv, "invalid model config", message)
+    assert not (tmp_path / "run").exists()
+
+
+# --- Damaged checkpoints --------------------------------------------------------
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"\x93not a safetensors file\x00" * 64)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name, damage", [
+    (WEIGHTS_FILE, garbage), (WEIGHTS_FILE, truncate), (TRAINING_STATE_FILE, truncate),
+])
+def test_damaged_checkpoint(capsys, ckpt, name, damage):
+    damage(ckpt / name)
+    if name == WEIGHTS_FILE:
+        with pytest.raises(FANformerError, match="corrupted or truncated"):
+            load_model(ckpt)
+    before = snapshot(ckpt)
+    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet"], "corrupted or truncated", name)
+    assert snapshot(ckpt) == before
+
+
+def test_checkpoint_missing_config(capsys, ckpt):
+    (ckpt / CONFIG_FILE).unlink()
+    with pytest.raises(FANformerError, match="missing config.json"):
+        load_model(ckpt)
+    fails(capsys, ["info", ckpt], "missing config.json")
+    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet"], "missing config.json")
+
+
+def test_info_reads_a_good_checkpoint(capsys, ckpt):
+    assert main(["info", str(ckpt), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"] == load_model(ckpt).config.to_dict()
+
+
+# --- Output directory and resume ------------------------------------------------
+
+def test_existing_checkpoint_needs_force(capsys, corpus, ckpt):
+    before = snapshot(ckpt)
+    fails(capsys, train_args(corpus, ckpt, "--max-steps", "3"), "already holds a checkpoint", "--force")
+    assert snapshot(ckpt) == before
+    assert not leftovers(ckpt.parent, ckpt.name)
+
+    assert main(train_args(corpus, ckpt, "--max-steps", "3", "--force")) == 0
+    assert json.loads((ckpt / TRAINER_STATE_FILE).read_text())["step"] == 3
+    assert snapshot(ckpt)[WEIGHTS_FILE] != before[WEIGHTS_FILE]
+    assert not leftovers(ckpt.parent, ckpt.name)
+
+
+def test_resume_without_training_state(capsys, ckpt):
+    (ckpt / TRAINING_STATE_FILE).unlink()
+    (ckpt / TRAINER_STATE_FILE).unlink()
+    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet"], "no training state")
+
+
+def test_resume_missing_directory(capsys, tmp_path):
+    fails(capsys, ["train", "--resume", "--out", tmp_path / "never", "--quiet"], "does not exist")
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_rejects_model_flags(capsys, ckpt):
+    before = snapshot(ckpt)
+    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet", "--n-layers", "3"], "--n-layers")
+    assert snapshot(ckpt) == before
+
+
+# --- info ---------------------------------------------------------------------------
+
+def test_info_json_parameter_count(capsys):
+    config = FANformerConfig.from_name("seed-92m")
+    with torch.device("meta"):
+        expected = count_parameters(FANformer(config))
+    assert main(["info", "--preset", "seed-92m", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["parameters"] == expected
+    assert shown["config"] == config.to_dict()
+
+
+# --- The real console script ------------------------------------------------------------
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.is_file(), reason="fanformer console script not installed")
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--preset", "huge"], "huge"),
+    (["train", "--data", "{tmp}/nope", "--out", "{tmp}/run", "--quiet"], "does not exist"),
+])
+def test_console_script_reports_errors_without_traceback(tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    proc = subprocess.run([str(CONSOLE_SCRIPT), *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()
