@@ -33,13 +33,14 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from fanformer.config import PRESETS, FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
-from fanformer.training import TrainConfig, autocast, lm_loss, param_groups
+from fanformer.training import Dist, TrainConfig, batch_starts, optimizer_step, param_groups
 
 # Dense bf16 tensor-core peaks (no sparsity), matched by substring of the device name in
 # order, so the more specific names come first.
@@ -94,23 +95,21 @@ def benchmark(config: FANformerConfig, args, device: torch.device) -> dict:
     """Time `args.steps` training steps after `args.warmup` untimed ones."""
     torch.manual_seed(0)
     model = FANformer(config).to(device).train()
-    train = TrainConfig()  # the defaults of `fanformer train`: lr, betas, weight decay, clipping
+    # The defaults of `fanformer train` (lr, betas, weight decay, clipping) and its own step.
+    train = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len)
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
                                   betas=(train.beta1, train.beta2), fused=device.type == "cuda")
     net = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=64 * args.seq_len, dtype=np.int64)
+    steps_done = 0
 
     def step() -> None:
-        # Random tokens built on the host and copied over, as the training loop's windows are.
-        x, y = torch.randint(0, config.vocab_size, (2, args.batch_size, args.seq_len)).unbind(0)
-        with autocast(device):
-            loss = lm_loss(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # the training loop reads the loss every step, which syncs
+        nonlocal steps_done
+        starts = batch_starts(len(tokens), args.seq_len, args.batch_size, seed=0, step=steps_done)
+        optimizer_step(net, model, optimizer, tokens, starts, args.seq_len, train, Dist(), device)
+        steps_done += 1
 
     for _ in range(args.warmup):
         step()

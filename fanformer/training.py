@@ -213,6 +213,35 @@ def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
 
 # --- The loop -----------------------------------------------------------------
 
+def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.optim.Optimizer,
+                   tokens: np.ndarray, starts: np.ndarray, seq_len: int, config: TrainConfig,
+                   dist_info: Dist, device: torch.device) -> tuple[float, float]:
+    """One optimizer step over this process's share of the global batch `starts`.
+
+    Micro-batch m of rank r takes rows (m * world + r) * batch_size onwards; DDP syncs
+    gradients only on the last micro-batch. Returns the mean loss over all ranks and the
+    gradient norm before clipping.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(config.grad_accum):
+        first = (micro * dist_info.world + dist_info.rank) * config.batch_size
+        x, y = windows(tokens, starts[first:first + config.batch_size], seq_len)
+        last_micro = micro == config.grad_accum - 1
+        with (contextlib.nullcontext() if last_micro or dist_info.world == 1 else net.no_sync()), autocast(device):
+            loss = lm_loss(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        (loss / config.grad_accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 \
+        else torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss = loss_sum / config.grad_accum
+    if dist_info.world > 1:
+        dist.all_reduce(mean_loss)
+        mean_loss /= dist_info.world
+    return mean_loss.item(), float(grad_norm)
+
+
 def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
           config: TrainConfig, out: str | Path, resume: tuple[dict, dict] | None = None,
           progress: bool = True) -> dict:
@@ -266,33 +295,16 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = batch_starts(len(train_tokens), seq_len, global_batch, config.seed, step)
-        loss_sum = 0.0
-        for micro in range(config.grad_accum):
-            first = (micro * dist_info.world + dist_info.rank) * config.batch_size
-            x, y = windows(train_tokens, starts[first:first + config.batch_size], seq_len)
-            sync = micro == config.grad_accum - 1 or dist_info.world == 1
-            ctx = contextlib.nullcontext() if sync else net.no_sync()
-            with ctx, autocast(device):
-                loss = lm_loss(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            (loss / config.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) \
-            if config.grad_clip > 0 else torch.tensor(0.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_loss, grad_norm = optimizer_step(net, model, optimizer, train_tokens, starts, seq_len,
+                                               config, dist_info, device)
         step += 1
         tokens_seen += global_batch * seq_len
         tokens_since += global_batch * seq_len
-        train_loss = loss_sum.item() / config.grad_accum
-        if dist_info.world > 1:
-            reduced = torch.tensor([train_loss], device=device)
-            dist.all_reduce(reduced)
-            train_loss = reduced.item() / dist_info.world
         bar.update(1)
         record = None
         if step % config.log_every == 0 or step == stop:
             elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": float(grad_norm),
+            record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": grad_norm,
                       "tokens": tokens_seen, "tok_per_s": round(tokens_since / max(elapsed, 1e-9), 1)}
             t0, tokens_since = time.perf_counter(), 0
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")

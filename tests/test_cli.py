@@ -26,38 +26,6 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "fanformer"
 TINY = ["--vocab-size", "400", "--max-seq-len", "64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: a second OpenMP thread only spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Real Python source (the json package), 40 lines per document."""
-    stdlib_json = Path(json.__file__).parent
-    docs = []
-    for path in sorted(stdlib_json.glob("*.py")):
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        docs += ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)]
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "code.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()))
-    return root
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, cache_dir):
-    monkeypatch.setenv("FANFORMER_CACHE", str(cache_dir))
-
-
 def train_args(corpus, out, *extra) -> list[str]:
     return ["train", "--data", str(corpus), "--out", str(out), "--quiet", *TINY,
             "--max-steps", "2", "--batch-size", "2", "--eval-batches", "1", *extra]

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from fanformer.checkpoint import TRAINER_STATE_FILE, WEIGHTS_FILE
 from fanformer.cli import main
 from fanformer.config import FANformerConfig
-from fanformer.data import split_of
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.pipeline import train_run
@@ -24,45 +23,6 @@ from fanformer.training import METRICS_FILE, TrainConfig, batch_starts, lr_at, p
 
 VOCAB, SEQ = 400, 64
 MODEL = dict(vocab_size=VOCAB, max_seq_len=SEQ)
-# Stdlib modules present in every supported Python: real source text, ~250 KB.
-CORPUS_MODULES = ("textwrap.py", "argparse.py", "dataclasses.py", "functools.py",
-                  "json/__init__.py", "json/decoder.py", "json/encoder.py")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Stdlib source cut into 40-line documents (one .jsonl), enough for a val split."""
-    stdlib = Path(json.__file__).parent.parent
-    docs = []
-    for name in CORPUS_MODULES:
-        lines = (stdlib / name).read_text(encoding="utf-8").splitlines(keepends=True)
-        docs += ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)]
-    docs = [d for d in docs if d.strip()]
-    assert any(split_of(d) == "val" for d in docs), "corpus needs held-out documents for val_loss"
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "code.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    return root
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache for the module: the corpus tokenizer is trained once and reused."""
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, cache_dir):
-    monkeypatch.setenv("FANFORMER_CACHE", str(cache_dir))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny; a second OpenMP thread gains nothing and, on a busy
-    2-core machine, spin-waits the run 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small real corpus, a per-session token cache, one CPU thread."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fanformer.data import split_of
+
+# Stdlib modules present in every supported Python: real source text, ~250 KB.
+CORPUS_MODULES = ("textwrap.py", "argparse.py", "dataclasses.py", "functools.py",
+                  "json/__init__.py", "json/decoder.py", "json/encoder.py")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Stdlib source cut into 40-line documents (one .jsonl), enough for a val split."""
+    stdlib = Path(json.__file__).parent.parent
+    docs = []
+    for name in CORPUS_MODULES:
+        lines = (stdlib / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        docs += ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)]
+    docs = [d for d in docs if d.strip()]
+    assert any(split_of(d) == "val" for d in docs), "corpus needs held-out documents for val_loss"
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "code.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the session: the corpus tokenizer is trained once and reused;
+    nothing touches ~/.cache."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(monkeypatch, cache_dir):
+    monkeypatch.setenv("FANFORMER_CACHE", str(cache_dir))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Test models are tiny; a second OpenMP thread gains nothing and, on a busy
+    2-core machine, spin-waits runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
