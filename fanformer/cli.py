@@ -44,18 +44,24 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, show_defaults: bool = True) -> None:
     """One optional flag per field; unset flags stay None so presets and saved state win."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if f.name in skip or kind not in (int, float, str, bool):
+        if kind not in (int, float, str, bool):
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        group.add_argument(_flag(f.name), dest=f"{cls.__name__}.{f.name}", default=None,
-                           type=_parse_bool if kind is bool else kind, metavar=kind.__name__.upper(),
-                           help=f"(default {default})")
+        help_text = f.metadata.get("help", "")
+        if show_defaults:
+            help_text += f" (default {f.default})"
+        dest = f"{cls.__name__}.{f.name}"
+        if kind is bool:  # `--compile` alone means true; `--compile false` is also accepted
+            group.add_argument(_flag(f.name), dest=dest, default=None, nargs="?", const=True,
+                               type=_parse_bool, metavar="BOOL", help=help_text.strip() or None)
+        else:
+            group.add_argument(_flag(f.name), dest=dest, default=None, type=kind,
+                               metavar=kind.__name__.upper(), help=help_text.strip() or None)
 
 
 def dataclass_overrides(args: argparse.Namespace, cls) -> dict:
@@ -137,14 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokenizer", help="use this tokenizer.json (or checkpoint dir) instead of training one")
     train.add_argument("--cache-dir", help="token cache (default $FANFORMER_CACHE or ~/.cache/fanformer)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_flags(train, FANformerConfig, "model config (on top of the preset)")
+    add_dataclass_flags(train, FANformerConfig, "model config (each flag overrides the preset)", show_defaults=False)
     add_dataclass_flags(train, TrainConfig, "training")
 
     info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     info.add_argument("checkpoint", nargs="?", help="checkpoint directory")
     info.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
     info.add_argument("--json", action="store_true", help="print JSON")
-    add_dataclass_flags(info, FANformerConfig, "model config (on top of the preset)")
+    add_dataclass_flags(info, FANformerConfig, "model config (each flag overrides the preset)", show_defaults=False)
 
     quick = sub.add_parser("quickstart", help=cmd_quickstart.__doc__, description=cmd_quickstart.__doc__)
     quick.add_argument("--out", default=QUICKSTART_OUT, help=f"checkpoint directory (default {QUICKSTART_OUT})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,11 @@ from fanformer.errors import FANformerError
 
 NORM_SCHEMES = ("pre", "hybrid")
 FAN_ACTIVATIONS = ("identity", "gelu")
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with its description (the CLI shows it in --help)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -29,12 +34,12 @@ class FANformerConfig:
     n_kv_heads: int = 2
     head_dim: int = 16
     ffn_dim: int = 192
-    p: float = 0.25  # periodicity ratio: d_p = floor(d_model * p); 0 = plain Transformer
-    fan_activation: str = "identity"  # on the plain branch G: identity = FANLayer', gelu = full FAN
-    norm: str = "pre"  # "pre" everywhere, or "hybrid" (HybridNorm*)
-    cola_rank: float = 0.0  # CoLA rank as a fraction of each layer's input width; 0 = off
-    cola_lm_head: bool = False  # CoLA on the LM head too (the seed card does)
-    gated_residual: bool = False
+    p: float = knob(0.25, "periodicity ratio: d_p = floor(d_model * p); 0 = plain Transformer")
+    fan_activation: str = knob("identity", "on the plain branch G: identity (FANLayer') or gelu (full FAN)")
+    norm: str = knob("pre", "pre (pre-norm everywhere) or hybrid (HybridNorm*)")
+    cola_rank: float = knob(0.0, "CoLA rank as a fraction of each layer's input width (0.25 = in/4); 0 = off")
+    cola_lm_head: bool = knob(False, "CoLA on the LM head too (the seed card does)")
+    gated_residual: bool = knob(False, "x + sigmoid(g) * f(x) with a learned per-channel gate g")
     dropout: float = 0.0
     rope_theta: float = 10000.0
     max_seq_len: int = 128

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fanformer.checkpoint import save_checkpoint
+from fanformer.config import knob
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 
@@ -34,24 +35,24 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps in the whole run (the schedule's length)
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 0  # 0 = the model's max_seq_len
+    max_steps: int = knob(1000, "optimizer steps in the whole run (the schedule's length)")
+    batch_size: int = knob(8, "sequences per micro-batch per process")
+    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    seq_len: int = knob(0, "training sequence length; 0 = the model's max_seq_len")
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = knob(0.1, "the cosine decays to lr * min_lr_ratio")
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 200  # 0 = only at the end
-    eval_batches: int = 20
-    save_every: int = 500  # 0 = only at the end
+    eval_every: int = knob(200, "validation every N steps; 0 = only at the end")
+    eval_batches: int = knob(20, "validation batches per evaluation")
+    save_every: int = knob(500, "checkpoint every N steps; 0 = only at the end")
     log_every: int = 10
     seed: int = 0
-    compile: bool = False
-    stop_at: int = 0  # stop (and checkpoint) after this step, to be resumed later; 0 = run to max_steps
+    compile: bool = knob(False, "torch.compile the model")
+    stop_at: int = knob(0, "stop (and checkpoint) after this step, to resume later; 0 = run to max_steps")
     extra: dict = field(default_factory=dict)  # run metadata kept in trainer_state.json
 
     def __post_init__(self) -> None:
