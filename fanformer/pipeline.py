@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fanformer.checkpoint import check_output_dir, load_config, load_model, load_training_state
+from fanformer.checkpoint import check_output_dir, load_model, load_training_state
 from fanformer.config import FANformerConfig
 from fanformer.data import build_token_cache, default_cache_dir, iter_documents, resolve_files, split_of
 from fanformer.errors import FANformerError
@@ -52,7 +52,8 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
         if model_overrides:
             raise FANformerError("the model config of a resumed run is fixed by its checkpoint; "
                                  f"drop {', '.join('--' + k.replace('_', '-') for k in model_overrides)}")
-        config = load_config(out)
+        model = load_model(out)  # fail on a damaged checkpoint before any data work
+        config = model.config
         resume_state = load_training_state(out)
         saved = resume_state[1]["train_config"]
         # stop_at ends one invocation; a resumed run goes on to max_steps unless told again.
@@ -83,9 +84,7 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
     if dist_info.main:
         log.info("data: %d files, %s train / %s val tokens", len(files), f"{len(splits.train):,}", f"{len(splits.val):,}")
 
-    if resume:
-        model = load_model(out)
-    else:
+    if not resume:
         torch.manual_seed(train_config.seed)
         model = FANformer(config)
     if dist_info.main:
