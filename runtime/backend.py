@@ -1,0 +1,123 @@
+"""The one interface every form of the model runs behind, and the registry that picks one.
+
+A backend owns a model and its tokenizer and runs forward steps over a KV cache that it
+also owns: `prefill` the prompts, then `decode` one token per step. Generation,
+perplexity, drift and the CLI only ever talk to this interface, so a new format (ONNX,
+GGUF, a quantized checkpoint) is one new module that subclasses `Backend` and registers
+itself with `@register`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fanformer.errors import FANformerError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What callers need to know about a loaded model, whatever its format."""
+
+    format: str  # "pytorch", "onnx", "gguf", ...
+    path: str
+    vocab_size: int
+    max_seq_len: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    dtype: str  # the compute dtype, e.g. "fp32"
+    device: str
+
+
+class Backend(ABC):
+    """A loaded model. Logits always come back as float32 torch tensors (B, T, vocab)."""
+
+    info: BackendInfo
+    tokenizer: object  # a `tokenizers.Tokenizer`
+
+    @abstractmethod
+    def new_cache(self, batch_size: int) -> object:
+        """An empty KV cache for `batch_size` sequences (opaque to callers)."""
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: object | None) -> torch.Tensor:
+        """Run `input_ids` (B, T) on top of what `cache` holds, append them to it, return
+        logits (B, T, vocab). `attention_mask` (B, past + T) is 1 for real tokens and 0 for
+        left padding. With `cache=None` the tokens are scored from scratch and nothing is kept."""
+
+    def prefill(self, cache: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, cache)
+
+    def decode(self, cache: object, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence: token_ids (B, 1) -> logits (B, 1, vocab)."""
+        return self.forward(token_ids, attention_mask, cache)
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) of unpadded windows, no cache: what perplexity needs."""
+        return self.forward(input_ids, torch.ones_like(input_ids), None)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    detect: Callable[[Path], bool]  # does this path look like this backend's format?
+    load: Callable[..., Backend]
+
+
+BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register(name: str, detect: Callable[[Path], bool]):
+    """Class decorator: make a backend loadable by `load_backend` under `name`."""
+
+    def wrap(cls):
+        BACKENDS[name] = BackendSpec(name, detect, cls)
+        return cls
+
+    return wrap
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise FANformerError(f"{path} does not exist; pass a checkpoint directory or a model file")
+    for spec in BACKENDS.values():
+        if spec.detect(path):
+            return spec.name
+    raise FANformerError(f"{path} is not a model this tool can run: expected one of "
+                         f"{', '.join(BACKENDS)} (a checkpoint directory with config.json and model.safetensors, ...)")
+
+
+def load_backend(path: str | Path, format: str | None = None, **options) -> Backend:
+    """Load `path` with the backend for its format (detected unless `format` is given).
+
+    Options every backend understands: `dtype` ("fp32", "fp16", "bf16") and `device`
+    ("cpu", "cuda", "auto"); a backend refuses options it cannot honour.
+    """
+    name = format or detect_format(path)
+    if name not in BACKENDS:
+        raise FANformerError(f"unknown format {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name].load(Path(path), **options)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FANformerError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise FANformerError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise FANformerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
