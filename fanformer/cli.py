@@ -108,12 +108,112 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{'parameters':<{width}}  {n_params:,}")
 
 
+def generation_config(args: argparse.Namespace, defaults: dict):
+    """Flags first, then the model's generation_config.json, then GenerationConfig's own defaults."""
+    from runtime.generation import GenerationConfig
+
+    def pick(flag, key):
+        value = getattr(args, flag)
+        return value if value is not None else defaults.get(key)
+
+    temperature = pick("temperature", "temperature")
+    if args.greedy or (args.temperature is None and defaults.get("do_sample") is False):
+        temperature = 0.0
+    chosen = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                  min_length=pick("min_length", "min_length"), temperature=temperature,
+                  top_k=pick("top_k", "top_k"), top_p=pick("top_p", "top_p"),
+                  repetition_penalty=pick("repetition_penalty", "repetition_penalty"),
+                  stop=tuple(args.stop or ()), seed=args.seed)
+    return GenerationConfig(**{k: v for k, v in chosen.items() if v is not None})
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Generate text with KV caching from a checkpoint or exported model; interactive without --prompt."""
+    from runtime import generate, load_backend
+
+    backend = load_backend(args.path, format=args.format, dtype=args.dtype, device=args.device)
+    config = generation_config(args, backend.generation_defaults)
+
+    def stream(prompt: str) -> None:
+        print(prompt, end="", flush=True)
+        generate(backend, [prompt], config, on_text=lambda _, delta: print(delta, end="", flush=True))
+        print(flush=True)
+
+    if args.prompt and len(args.prompt) > 1:
+        for prompt, result in zip(args.prompt, generate(backend, args.prompt, config)):
+            print(prompt + result.text, end="\n\n", flush=True)
+    elif args.prompt:
+        stream(args.prompt[0])
+    else:
+        interactive(stream)
+
+
+def interactive(stream) -> None:
+    """One prompt per line until end of input (Ctrl-D); blank lines are skipped."""
+    tty = sys.stdin.isatty()
+    if tty:
+        print("interactive mode: type a prompt and press Enter; Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            break
+        if line.strip():
+            stream(line.replace("\\n", "\n"))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Perplexity of a model on held-out text; with --reference, its drift against that model."""
+    from runtime import drift, eval_tokens, fp16_reference, load_backend, perplexity
+    from runtime.backend import detect_format
+    from runtime.perplexity import check_ctx
+
+    backend = load_backend(args.path, format=args.format, dtype=args.dtype, device=args.device)
+    ctx = args.ctx or min(512, backend.info.max_seq_len)
+    check_ctx(backend, ctx)
+    tokens = eval_tokens(backend.tokenizer, args.data, args.split, args.max_tokens, args.cache_dir)
+    options = dict(protocol=args.protocol, ctx=ctx, stride=args.stride, batch_size=args.batch_size,
+                   progress=not args.quiet)
+    if args.reference is None:
+        result = perplexity(backend, tokens, **options).to_dict()
+    else:
+        if args.reference_precision == "fp16" and detect_format(args.reference) == "pytorch":
+            reference = fp16_reference(args.reference, device=str(backend.info.device))
+        else:
+            reference = load_backend(args.reference, dtype=args.dtype, device=args.device)
+        result = drift(backend, reference, tokens, **options).to_dict()
+        result["reference_info"] = vars(reference.info)
+    result["model_info"] = vars(backend.info)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_eval(result))
+
+
+def format_eval(result: dict) -> str:
+    def ppl_line(label: str, ppl: dict, info: dict) -> str:
+        return (f"{label:<12}{ppl['ppl']:>10.3f} ± {ppl['ppl_stderr']:<8.3f}  "
+                f"{info['path']} ({info['format']}, {info['dtype']}, {info['device']})")
+
+    drift_mode = "kl_mean" in result
+    first = result["model"] if drift_mode else result
+    stride = f", stride {first['stride']}" if first["stride"] else ""
+    lines = [f"scored {first['tokens']:,} tokens ({first['protocol']}, ctx {first['ctx']}{stride})",
+             f"{'':<12}{'ppl':>10}"]
+    lines.append(ppl_line("model", first, result["model_info"]))
+    if drift_mode:
+        lines += [ppl_line("reference", result["reference"], result["reference_info"]),
+                  f"{'ppl change':<12}{100 * result['ppl_change']:>+10.4f} %",
+                  f"{'mean KL':<12}{result['kl_mean']:>10.3g} ± {result['kl_stderr']:.2g}   "
+                  f"(99th percentile {result['kl_p99']:.3g})",
+                  f"{'top-1 agree':<12}{100 * result['top1_agreement']:>10.3f} %"]
+    return "\n".join(lines)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     """Train a small FANformer on the default corpus (a few minutes on 2 CPU cores) and sample it."""
-    from fanformer.checkpoint import load_model
     from fanformer.pipeline import train_run
-    from fanformer.sample import sample_text
-    from fanformer.tokenizer import load_tokenizer
+    from runtime import GenerationConfig, generate, load_backend
 
     train_overrides = dict(QUICKSTART_TRAIN)
     if args.max_steps:
@@ -121,12 +221,21 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     train_run(out=args.out, preset="tiny", data=args.data, resume=False, force=args.force,
               model_overrides=dict(QUICKSTART_MODEL), train_overrides=train_overrides,
               progress=not args.quiet)
-    model, tokenizer = load_model(args.out), load_tokenizer(args.out)
     print(f"\ncheckpoint: {args.out}\nsample:\n")
-    print(sample_text(model, tokenizer, "def ", max_new_tokens=120, temperature=0.7, top_k=50))
+    prompt = "def "
+    sample = generate(load_backend(args.out), [prompt], GenerationConfig(max_new_tokens=120, temperature=0.7, top_k=50))
+    print(prompt + sample[0].text)
 
 
-COMMANDS = {"train": cmd_train, "info": cmd_info, "quickstart": cmd_quickstart}
+COMMANDS = {"train": cmd_train, "info": cmd_info, "generate": cmd_generate, "eval": cmd_eval,
+            "quickstart": cmd_quickstart}
+
+
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="checkpoint directory (later: exported ONNX folder or GGUF file)")
+    parser.add_argument("--format", help="skip format detection (pytorch, ...)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default fp32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +260,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
     info.add_argument("--json", action="store_true", help="print JSON")
     add_dataclass_flags(info, FANformerConfig, "model config (each flag overrides the preset)", show_defaults=False)
+
+    gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    add_backend_flags(gen)
+    gen.add_argument("--prompt", action="append", help="text to continue (repeat for a batch); none = interactive")
+    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 128)")
+    gen.add_argument("--max-length", type=int, help="prompt + generated tokens, as in transformers")
+    gen.add_argument("--min-length", type=int, help="prompt + generated tokens before EOS may end the text")
+    gen.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation_config.json)")
+    gen.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
+    gen.add_argument("--repetition-penalty", type=float, help="CTRL repetition penalty (1 = off)")
+    gen.add_argument("--stop", action="append", help="stop when this string is produced (repeatable)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    add_backend_flags(ev)
+    ev.add_argument("--data", nargs="+", help="corpus files/folders/globs (default: the Python standard library)")
+    ev.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                    help="held-out split of --data to score, or all of it (default test)")
+    ev.add_argument("--ctx", type=int, help="context window (default min(512, the model's maximum))")
+    ev.add_argument("--stride", type=int, help="sliding-window stride (default ctx/2)")
+    ev.add_argument("--protocol", default="sliding", choices=["sliding", "chunks"],
+                    help="sliding: every token scored once (Hugging Face); chunks: llama.cpp's llama-perplexity")
+    ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    ev.add_argument("--reference", help="compare against this model: drift, KL divergence, top-1 agreement")
+    ev.add_argument("--reference-precision", default="fp16", choices=["fp16", "native"],
+                    help="a full-precision reference checkpoint is rounded to fp16 first (default) or used as is")
+    ev.add_argument("--cache-dir", help="token cache (default $FANFORMER_CACHE or ~/.cache/fanformer)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     quick = sub.add_parser("quickstart", help=cmd_quickstart.__doc__, description=cmd_quickstart.__doc__)
     quick.add_argument("--out", default=QUICKSTART_OUT, help=f"checkpoint directory (default {QUICKSTART_OUT})")

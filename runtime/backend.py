@@ -41,6 +41,8 @@ class Backend(ABC):
 
     info: BackendInfo
     tokenizer: object  # a `tokenizers.Tokenizer`
+    # Sampling defaults shipped with the model (generation_config.json), in transformers' keys.
+    generation_defaults: dict = {}
 
     @abstractmethod
     def new_cache(self, batch_size: int) -> object:

@@ -216,3 +216,75 @@ def test_console_script_reports_errors_without_traceback(tmp_path, argv, message
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- generate and eval -----------------------------------------------------------------
+
+def test_generate_streams_the_same_text_as_the_library(capsys, trained):
+    from runtime import GenerationConfig, generate, load_backend
+
+    assert main(["generate", str(trained), "--prompt", "def f(", "--greedy", "--max-new-tokens", "12",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    expected = generate(load_backend(trained), ["def f("], GenerationConfig(max_new_tokens=12, temperature=0))
+    assert printed == "def f(" + expected[0].text + "\n"
+
+
+def test_generate_batch_and_interactive(capsys, monkeypatch, trained):
+    import io
+
+    assert main(["generate", str(trained), "--prompt", "import", "--prompt", "class A:", "--greedy",
+                 "--max-new-tokens", "5"]) == 0
+    batch = capsys.readouterr().out
+    assert batch.startswith("import") and "\n\nclass A:" in batch
+    monkeypatch.setattr("sys.stdin", io.StringIO("import\n\nclass A:\n"))
+    assert main(["generate", str(trained), "--greedy", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.replace("\n", "") == batch.replace("\n", "")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", ""], "empty prompt"),
+    (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "x" * 400], "shorten it"),
+])
+def test_generate_bad_input(capsys, trained, flags, message):
+    fails(capsys, ["generate", str(trained), *flags], message)
+
+
+def test_eval_json_matches_the_library(capsys, corpus, trained):
+    from runtime import eval_tokens, load_backend, perplexity
+
+    assert main(["eval", str(trained), "--data", str(corpus), "--split", "all", "--ctx", "32", "--json",
+                 "--quiet", "--max-tokens", "2000"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    backend = load_backend(trained)
+    tokens = eval_tokens(backend.tokenizer, [str(corpus)], "all", 2000)
+    expected = perplexity(backend, tokens, ctx=32)
+    assert reported["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+    assert reported["tokens"] == expected.tokens == len(tokens) - 1
+
+
+def test_eval_against_itself_as_reference(capsys, corpus, trained):
+    assert main(["eval", str(trained), "--data", str(corpus), "--split", "all", "--ctx", "32", "--json",
+                 "--quiet", "--max-tokens", "1000", "--reference", str(trained), "--reference-precision",
+                 "native"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert reported["kl_mean"] == pytest.approx(0, abs=1e-7) and reported["top1_agreement"] == 1.0
+    assert reported["ppl_change"] == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{ckpt}", "--ctx", "4096"], "longer than the model's maximum context"),
+    (["eval", "{tmp}/nothing"], "does not exist"),
+    (["eval", "{tmp}/garbage.bin"], "is not a model this tool can run"),
+    (["eval", "{ckpt}", "--format", "nope"], "unknown format"),
+    (["eval", "{ckpt}", "--protocol", "sliding", "--stride", "1000", "--ctx", "32", "--split", "all",
+      "--data", "{tmp}/one.txt"], "stride must be in"),
+])
+def test_eval_bad_input(capsys, trained, tmp_path, argv, message):
+    (tmp_path / "garbage.bin").write_bytes(b"\x00" * 64)
+    (tmp_path / "one.txt").write_text("some text " * 50)
+    argv = [a.format(ckpt=trained, tmp=tmp_path) for a in argv]
+    fails(capsys, argv, message)
