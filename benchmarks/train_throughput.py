@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import time
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from common import device_name  # benchmarks/common.py: a script's own folder is on sys.path
 from fanformer.config import PRESETS, FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
@@ -65,17 +65,6 @@ def flops_per_token(model: FANformer, seq_len: int) -> float:
     return 6 * matmul_params(model) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len / 2
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def peak_flops(name: str, device: torch.device, override_tflops: float | None) -> float | None:

@@ -62,30 +62,43 @@ def attention_bias(attention_mask: torch.Tensor | None, past_len: int, q_len: in
 # --- KV cache -----------------------------------------------------------------
 
 class KVCache:
-    """Keys and values per layer, (B, nkv, S, hs), grown as tokens are decoded.
+    """Keys and values per layer, (B, nkv, S, hs), in buffers that grow by doubling, so a
+    decode step writes one position instead of copying the whole cache.
 
     `update` has the signature of transformers' Cache.update, so the model runs
     unchanged under `model.generate` with a transformers DynamicCache.
     """
 
     def __init__(self, n_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.n_layers = n_layers
+        self.reset()
 
     def reset(self) -> None:
-        self.keys = [None] * len(self.keys)
-        self.values = [None] * len(self.values)
+        self.keys: list[torch.Tensor | None] = [None] * self.n_layers
+        self.values: list[torch.Tensor | None] = [None] * self.n_layers
+        self.lengths = [0] * self.n_layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        k = self.keys[layer_idx]
-        return 0 if k is None else k.shape[2]
+        return self.lengths[layer_idx]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
-        if self.keys[layer_idx] is not None:
-            key = torch.cat([self.keys[layer_idx], key], dim=2)
-            value = torch.cat([self.values[layer_idx], value], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = key, value
-        return key, value
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + key.shape[2]
+        if self.keys[layer_idx] is None or end > self.keys[layer_idx].shape[2]:
+            self.keys[layer_idx] = _grown(self.keys[layer_idx], key, start, end)
+            self.values[layer_idx] = _grown(self.values[layer_idx], value, start, end)
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+def _grown(buffer: torch.Tensor | None, like: torch.Tensor, used: int, needed: int) -> torch.Tensor:
+    """A buffer of at least twice the needed length holding the first `used` positions."""
+    B, H, _, D = like.shape
+    new = like.new_empty(B, H, max(2 * needed, 64), D)
+    if buffer is not None:
+        new[:, :, :used] = buffer[:, :, :used]
+    return new
 
 
 # --- Layers -------------------------------------------------------------------
@@ -170,12 +183,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs)
-        groups = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
-        v = v.repeat_interleave(groups, dim=1)
+        # No mask: causal over the new tokens, or a single new token that sees the whole cache.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -279,8 +291,8 @@ class FANformer(nn.Module):
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, T, hs)
-        mask = None
-        if attention_mask is not None or past_len > 0:
+        mask = None  # the plain causal case, and one unpadded decode step, need none
+        if attention_mask is not None or (past_len > 0 and T > 1):
             mask = attention_bias(attention_mask, past_len, T, B, input_ids.device)  # (B, 1, T, S)
         x = self.embed(input_ids)  # (B, T, C)
         for block in self.blocks:

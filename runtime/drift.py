@@ -66,8 +66,10 @@ def drift(model: Backend, reference: Backend, tokens: np.ndarray, protocol: str 
         nll.append(-lp.gather(-1, targets[:, None])[:, 0])
         ref_nll.append(-ref_lp.gather(-1, targets[:, None])[:, 0])
         # KL(P_ref || P): sum_v p_ref (log p_ref - log p); clamp -inf log-probs of tokens a
-        # quantized model rules out, so the sum stays finite where p_ref is tiny too.
-        kl.append((ref_lp.exp() * (ref_lp - lp.clamp(min=-1e4))).sum(-1).clamp(min=0))
+        # quantized model rules out, so the sum stays finite where p_ref is tiny too, and
+        # take 0 log 0 = 0 where the reference rules a token out (else 0 * -inf = nan).
+        ref_p = ref_lp.exp()
+        kl.append(torch.where(ref_p > 0, ref_p * (ref_lp - lp.clamp(min=-1e4)), 0.0).sum(-1).clamp(min=0))
         agree.append(lp.argmax(-1) == ref_lp.argmax(-1))
     kl_all = torch.cat(kl).double().numpy()
     n = len(kl_all)

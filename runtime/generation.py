@@ -112,7 +112,10 @@ def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.T
         logits[too_short, eos_id] = float("-inf")
     if config.temperature == 0:
         return logits
-    return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
+    # Filter the tempered distribution (transformers' order), so top-p's nucleus is that
+    # of the distribution drawn from; `next_tokens` applies the temperature itself.
+    kept = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
+    return logits.masked_fill(kept == float("-inf"), float("-inf"))
 
 
 # --- Streaming text ---------------------------------------------------------------

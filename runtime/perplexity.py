@@ -41,8 +41,9 @@ class Window:
 
 
 def sliding_windows(n_tokens: int, ctx: int, stride: int) -> list[Window]:
-    if not 0 < stride <= ctx:
-        raise FANformerError(f"stride must be in [1, ctx={ctx}] so that no token is skipped, got {stride}")
+    # stride == ctx would skip each window's first token: it has no context in its window.
+    if not 0 < stride < ctx:
+        raise FANformerError(f"stride must be in [1, ctx - 1 = {ctx - 1}] so that no token is skipped, got {stride}")
     windows, scored_to = [], 1  # token 0 has nothing before it to be predicted from
     for begin in range(0, max(n_tokens - 1, 1), stride):
         end = min(begin + ctx, n_tokens)
@@ -107,9 +108,10 @@ class Perplexity:
 
 def summarize_nll(nll: np.ndarray, protocol: str, ctx: int, stride: int | None) -> Perplexity:
     n = len(nll)
+    nll = nll.astype(np.float64)  # a float32 mean leaves E[x^2] - mean^2 all rounding error
     mean = float(nll.mean())
     ppl = math.exp(mean)
-    var = float((nll.astype(np.float64) ** 2).mean() - mean ** 2) if n > 1 else 0.0
+    var = float(nll.var()) if n > 1 else 0.0
     stderr = ppl * math.sqrt(max(var, 0.0) / (n - 1)) if n > 1 else float("nan")
     return Perplexity(ppl=ppl, ppl_stderr=stderr, nll=mean, tokens=n, protocol=protocol, ctx=ctx,
                       stride=stride if protocol == "sliding" else None)

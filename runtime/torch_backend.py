@@ -41,7 +41,8 @@ class TorchBackend(Backend):
     @classmethod
     def from_model(cls, model: FANformer, tokenizer=None, dtype: str = "fp32", device: str = "cpu",
                    round_weights: str | None = None) -> "TorchBackend":
-        """Wrap an in-memory model (tests, benchmarks); without a tokenizer only `forward` works."""
+        """Wrap an in-memory model (tests, benchmarks); without a tokenizer only `forward` works.
+        The backend takes the model over: it is cast (and rounded) in place."""
         backend = cls.__new__(cls)
         backend._setup(model, tokenizer, "<memory>", dtype, device, round_weights)
         return backend
