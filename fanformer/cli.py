@@ -127,11 +127,24 @@ def generation_config(args: argparse.Namespace, defaults: dict):
     return GenerationConfig(**{k: v for k, v in chosen.items() if v is not None})
 
 
+def backend_options(args: argparse.Namespace) -> dict:
+    return {"device": args.device, **({"dtype": args.dtype} if args.dtype else {})}
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a checkpoint to ONNX (a folder onnxruntime and onnxruntime-genai run as is)."""
+    from export import export
+
+    options = {"dtype": args.dtype, "force": args.force}
+    out = export(args.checkpoint, args.format, args.out, **options)
+    print(f"wrote {out}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text with KV caching from a checkpoint or exported model; interactive without --prompt."""
     from runtime import generate, load_backend
 
-    backend = load_backend(args.path, format=args.format, dtype=args.dtype, device=args.device)
+    backend = load_backend(args.path, format=args.format, **backend_options(args))
     config = generation_config(args, backend.generation_defaults)
 
     def stream(prompt: str) -> None:
@@ -168,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from runtime.backend import detect_format
     from runtime.perplexity import check_ctx
 
-    backend = load_backend(args.path, format=args.format, dtype=args.dtype, device=args.device)
+    backend = load_backend(args.path, format=args.format, **backend_options(args))
     ctx = args.ctx or min(512, backend.info.max_seq_len)
     check_ctx(backend, ctx)
     tokens = eval_tokens(backend.tokenizer, args.data, args.split, args.max_tokens, args.cache_dir)
@@ -180,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.reference_precision == "fp16" and detect_format(args.reference) == "pytorch":
             reference = fp16_reference(args.reference, device=str(backend.info.device))
         else:
-            reference = load_backend(args.reference, dtype=args.dtype, device=args.device)
+            reference = load_backend(args.reference, device=args.device)
         result = drift(backend, reference, tokens, **options).to_dict()
         result["reference_info"] = vars(reference.info)
     result["model_info"] = vars(backend.info)
@@ -227,14 +240,15 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(prompt + sample[0].text)
 
 
-COMMANDS = {"train": cmd_train, "info": cmd_info, "generate": cmd_generate, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "info": cmd_info, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval,
             "quickstart": cmd_quickstart}
 
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="checkpoint directory (later: exported ONNX folder or GGUF file)")
     parser.add_argument("--format", help="skip format detection (pytorch, ...)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default fp32)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                        help="compute dtype (default: fp32 for a checkpoint; an exported model's own)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
 
 
@@ -260,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
     info.add_argument("--json", action="store_true", help="print JSON")
     add_dataclass_flags(info, FANformerConfig, "model config (each flag overrides the preset)", show_defaults=False)
+
+    exp = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    exp.add_argument("checkpoint", help="checkpoint directory")
+    exp.add_argument("--format", required=True, choices=["onnx"], help="output format")
+    exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and compute (default fp32)")
+    exp.add_argument("--out", help="output folder (default: <checkpoint>-<format>[-<dtype>] beside the checkpoint)")
+    exp.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_backend_flags(gen)
@@ -303,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Our packages report progress at INFO; libraries (exporters, optimizers) only warnings.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for package in ("fanformer", "runtime", "export"):
+        logging.getLogger(package).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

@@ -1,0 +1,30 @@
+"""Exporters: one entry point, `export(checkpoint, format, out, **options)`, and a
+registry of formats, so a new format is one new module and one line below."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fanformer.errors import FANformerError
+
+
+def _onnx(checkpoint, out, **options):
+    from export.onnx_export import export_onnx
+
+    return export_onnx(checkpoint, out, **options)
+
+
+EXPORTERS = {"onnx": _onnx}
+
+
+def default_output(checkpoint: str | Path, format: str, **options) -> Path:
+    """`<checkpoint>-<format>[-<dtype>][-<quantize>]` beside the checkpoint."""
+    checkpoint = Path(checkpoint)
+    parts = [format] + [str(options[k]) for k in ("dtype", "quantize") if options.get(k) not in (None, "fp32")]
+    return checkpoint.with_name(f"{checkpoint.name}-{'-'.join(parts)}")
+
+
+def export(checkpoint: str | Path, format: str, out: str | Path | None = None, **options) -> Path:
+    if format not in EXPORTERS:
+        raise FANformerError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}")
+    return EXPORTERS[format](checkpoint, out or default_output(checkpoint, format, **options), **options)

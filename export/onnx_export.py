@@ -1,0 +1,196 @@
+"""ONNX export of a FANformer checkpoint: a decoder with KV cache in Optimum's layout,
+plus the files onnxruntime-genai needs to run the folder on its own.
+
+The graph comes from `torch.onnx.export(dynamo=True)` over a thin wrapper whose cache
+concatenates the past_key_values.* inputs with the new keys and values and hands the
+result back as present.* outputs; everything else is `fanformer.model` unchanged, so
+FAN, HybridNorm, CoLA, GQA and gated residuals export with no special cases. No
+maintained exporter (Optimum, onnxruntime-genai's model builder) knows this
+architecture, hence this module. After writing, the folder is validated as Optimum
+does: onnxruntime against PyTorch on a prefill and two decode steps, batch 1 and 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from export import onnx_format as names
+from fanformer.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, check_output_dir, load_model,
+                                  write_directory_atomically)
+from fanformer.errors import FANformerError
+from fanformer.model import FANformer
+from fanformer.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, special_token_ids
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Largest |logit difference| against PyTorch fp32 that validation accepts, per export kind.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+class _ExportCache:
+    """The KV cache as graph inputs and outputs: `update` concatenates and records."""
+
+    def __init__(self, past: list[torch.Tensor]):
+        self.past = past
+        self.present: list[torch.Tensor] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past[2 * layer_idx].shape[2]
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        key = torch.cat([self.past[2 * layer_idx], key], dim=2)
+        value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
+        self.present += [key, value]
+        return key, value
+
+
+class DecoderWithPast(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+
+    def __init__(self, model: FANformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        cache = _ExportCache(list(past))
+        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        return (logits, *cache.present)
+
+
+def example_inputs(model: FANformer, dtype: torch.dtype, batch: int = 2, new: int = 3, past: int = 4):
+    """Sizes other than 0 and 1 so that torch.export keeps every axis symbolic."""
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (batch, new))
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    positions = torch.arange(past, past + new).expand(batch, new)
+    kv = tuple(torch.zeros(batch, c.n_kv_heads, past, c.head_dim, dtype=dtype) for _ in range(2 * c.n_layers))
+    return ids, mask, positions, kv
+
+
+def export_graph(model: FANformer, path: Path, dtype: str = "fp32", opset: int = names.OPSET) -> None:
+    """Write the decoder graph (and external weights when over 2 GB) to `path`."""
+    model = model.to(DTYPES[dtype]).eval()
+    batch, seq = torch.export.Dim(names.BATCH), torch.export.Dim(names.SEQUENCE)
+    past, total = torch.export.Dim(names.PAST_SEQUENCE), torch.export.Dim(names.TOTAL_SEQUENCE)
+    kv_axes = tuple({0: batch, 2: past} for _ in range(2 * model.config.n_layers))
+    n = model.config.n_layers
+    # The exporter and its graph optimizer narrate every pass on stdout/stderr and warn
+    # about internals; keep that out of the user's terminal unless export fails.
+    chatter = io.StringIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter), \
+                contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                DecoderWithPast(model).eval(), example_inputs(model, DTYPES[dtype]), dynamo=True,
+                opset_version=opset, input_names=names.input_names(n), output_names=names.output_names(n),
+                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv_axes),
+                verbose=False)
+            program.save(str(path))
+    except Exception:
+        log.error("torch.onnx.export output:\n%s", chatter.getvalue()[-5000:])
+        raise
+
+
+def genai_config(model: FANformer, special: dict[str, int], generation: dict) -> dict:
+    """onnxruntime-genai's genai_config.json for the exported decoder."""
+    c = model.config
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
+            "pad_token_id": special["pad_token_id"], "vocab_size": c.vocab_size, "context_length": c.max_seq_len,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": names.MODEL_FILE, "head_size": c.head_dim, "hidden_size": c.d_model,
+                "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+                "num_hidden_layers": c.n_layers,
+                "inputs": {"input_ids": names.INPUT_IDS, "attention_mask": names.ATTENTION_MASK,
+                           "position_ids": names.POSITION_IDS, "past_key_names": names.PAST_KEY,
+                           "past_value_names": names.PAST_VALUE},
+                "outputs": {"logits": names.LOGITS, "present_key_names": names.PRESENT_KEY,
+                            "present_value_names": names.PRESENT_VALUE},
+            },
+        },
+        "search": {
+            "do_sample": bool(generation.get("do_sample", False)), "num_beams": 1, "num_return_sequences": 1,
+            "max_length": c.max_seq_len, "min_length": 0, "temperature": generation.get("temperature", 1.0),
+            "top_k": generation.get("top_k", 50), "top_p": generation.get("top_p", 1.0),
+            "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+            "early_stopping": True,
+            # The graph concatenates past and new keys, so present is a new, longer tensor
+            # each step: it cannot share one preallocated buffer with past.
+            "past_present_share_buffer": False,
+        },
+    }
+
+
+def validate(checkpoint: Path, folder: Path, dtype: str) -> float:
+    """Max |logit difference| of onnxruntime against PyTorch fp32 over a prefill and two
+    decode steps, at batch 1 and batch 2 (with left padding); raises above tolerance."""
+    from runtime.backend import load_backend
+
+    reference = load_backend(checkpoint, format="pytorch")
+    onnx = load_backend(folder, format="onnx")
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for lengths in ([7], [7, 4]):
+        batch, width = len(lengths), max(lengths)
+        ids = torch.randint(3, reference.info.vocab_size, (batch, width), generator=generator)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for row, n in enumerate(lengths):
+            mask[row, width - n:] = 1
+            ids[row, :width - n] = reference.info.pad_id
+        caches = [b.new_cache(batch) for b in (reference, onnx)]
+        steps = [(ids, mask)]
+        for _ in range(2):
+            steps.append((torch.randint(3, reference.info.vocab_size, (batch, 1), generator=generator),
+                          torch.cat([steps[-1][1], torch.ones(batch, 1, dtype=torch.long)], dim=1)))
+        for step_ids, step_mask in steps:
+            expected = reference.forward(step_ids, step_mask, caches[0])
+            got = onnx.forward(step_ids, step_mask, caches[1])
+            real = step_mask[:, -step_ids.shape[1]:].bool()  # padded positions' logits are never used
+            worst = max(worst, float((got - expected).abs()[real].max()))
+    log.info("validation: max |logit difference| against PyTorch fp32 = %.3g (tolerance %.3g)",
+             worst, TOLERANCE[dtype])
+    if not worst <= TOLERANCE[dtype]:
+        raise FANformerError(f"ONNX validation failed: logits differ from PyTorch by {worst:.3g} "
+                             f"(tolerance {TOLERANCE[dtype]:.3g} for {dtype}); please report this with the checkpoint")
+    return worst
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
+                validate_output: bool = True) -> Path:
+    """Export `checkpoint` to the folder `out` (written under a temporary name, then renamed)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise FANformerError(f"unsupported ONNX dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_output_dir(out, force)
+    model = load_model(checkpoint)
+    from fanformer.tokenizer import load_tokenizer
+
+    special = special_token_ids(load_tokenizer(checkpoint))
+    generation = json.loads((checkpoint / GENERATION_CONFIG_FILE).read_text()) \
+        if (checkpoint / GENERATION_CONFIG_FILE).is_file() else {}
+
+    def write(tmp: Path) -> None:
+        log.info("exporting %s to ONNX (%s, opset %d)", checkpoint, dtype, names.OPSET)
+        export_graph(model, tmp / names.MODEL_FILE, dtype)
+        for name in (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                     SPECIAL_TOKENS_MAP_FILE):
+            if (checkpoint / name).is_file():
+                shutil.copy(checkpoint / name, tmp / name)
+        (tmp / names.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, special, generation), indent=2))
+        if validate_output:
+            validate(checkpoint, tmp, dtype)
+
+    return write_directory_atomically(out, write)

@@ -1,0 +1,126 @@
+"""The ONNX backend: an exported folder (or its model.onnx) run by onnxruntime.
+
+The graph takes the KV cache as inputs and returns the grown cache as outputs (the
+Optimum layout of export/onnx_format.py); the backend keeps those tensors between
+calls. On CUDA they stay on the GPU through I/O binding: each step binds the previous
+step's present.* outputs as this step's past_key_values.* inputs, so the cache never
+crosses to the host.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import onnx_format as names
+from fanformer.config import FANformerConfig
+from fanformer.errors import FANformerError
+from fanformer.tokenizer import load_tokenizer, special_token_ids
+from runtime.backend import Backend, BackendInfo, register
+
+ONNX_DTYPES = {"tensor(float)": ("fp32", np.float32), "tensor(float16)": ("fp16", np.float16)}
+
+
+def onnx_model_file(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".onnx":
+        return path
+    if path.is_dir() and (path / names.MODEL_FILE).is_file():
+        return path / names.MODEL_FILE
+    return None
+
+
+class OnnxCache:
+    """The past keys and values of every layer: numpy arrays on the CPU, OrtValues on CUDA."""
+
+    def __init__(self, past: list):
+        self.past = past
+
+
+@register("onnx", detect=lambda path: onnx_model_file(path) is not None)
+class OnnxBackend(Backend):
+    """Options: device cpu|cuda|auto (CUDA needs onnxruntime-gpu); dtype, if given, must
+    be the dtype the folder was exported in."""
+
+    def __init__(self, path: Path, dtype: str | None = None, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        model_file = onnx_model_file(path)
+        if model_file is None:
+            raise FANformerError(f"{path} is not an exported ONNX model: expected a folder with "
+                                 f"{names.MODEL_FILE} or a .onnx file")
+        folder = model_file.parent
+        self.config = FANformerConfig.from_file(folder)
+        self.tokenizer = load_tokenizer(folder)
+        generation_file = folder / "generation_config.json"
+        if generation_file.is_file():
+            self.generation_defaults = json.loads(generation_file.read_text())
+
+        providers = ["CPUExecutionProvider"]
+        if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise FANformerError("--device cuda needs onnxruntime-gpu and a CUDA GPU; use --device cpu")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types for a bad file
+            raise FANformerError(f"onnxruntime cannot load {model_file} ({str(err).splitlines()[0][:200]}); "
+                                 "the file is corrupted or not a FANformer export: export it again") from None
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        kv_type = {i.name: i.type for i in self.session.get_inputs()}.get(names.PAST_KEY % 0)
+        if kv_type not in ONNX_DTYPES:
+            raise FANformerError(f"{model_file} has no {names.PAST_KEY % 0} input of a float type: "
+                                 "it is not a FANformer export")
+        model_dtype, self.kv_dtype = ONNX_DTYPES[kv_type]
+        if dtype is not None and dtype != model_dtype:
+            raise FANformerError(f"{model_file} was exported in {model_dtype}; it cannot run in {dtype} "
+                                 f"(export again with --dtype {dtype})")
+        ids = special_token_ids(self.tokenizer)
+        self.info = BackendInfo(format="onnx", path=str(path), vocab_size=self.config.vocab_size,
+                                max_seq_len=self.config.max_seq_len, bos_id=ids["bos_token_id"],
+                                eos_id=ids["eos_token_id"], pad_id=ids["pad_token_id"], dtype=model_dtype,
+                                device="cuda" if self.on_cuda else "cpu")
+        self.input_names = names.input_names(self.config.n_layers)
+        self.output_names = names.output_names(self.config.n_layers)
+
+    def new_cache(self, batch_size: int) -> OnnxCache:
+        c = self.config
+        empty = np.zeros((batch_size, c.n_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
+        return OnnxCache([empty] * (2 * c.n_layers))
+
+    def forward(self, input_ids, attention_mask, cache):
+        batch, new = input_ids.shape
+        fresh = cache is None
+        cache = self.new_cache(batch) if fresh else cache
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]  # as fanformer.model does
+        feeds = [input_ids.long().numpy(), mask.long().numpy(), positions.numpy()]
+        run = self._run_cuda if self.on_cuda else self._run_cpu
+        logits, present = run(feeds, cache.past)
+        if not fresh:
+            cache.past = present
+        return logits
+
+    def _run_cpu(self, feeds: list, past: list):
+        outputs = self.session.run(self.output_names, dict(zip(self.input_names, feeds + past)))
+        return torch.from_numpy(outputs[0]).float(), outputs[1:]
+
+    def _run_cuda(self, feeds: list, past: list):
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in zip(self.input_names, feeds + past):
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(names.LOGITS, "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return torch.from_numpy(outputs[0].numpy()).float(), list(outputs[1:])
