@@ -30,6 +30,8 @@ from fanformer.model import FANformer
 from fanformer.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, special_token_ids
 
 log = logging.getLogger(__name__)
+# Without torchvision the exporter warns that it skips torchvision's ops, which we never use.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Largest |logit difference| against PyTorch fp32 that validation accepts, per export kind.
