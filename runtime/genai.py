@@ -1,0 +1,52 @@
+"""onnxruntime-genai on an exported ONNX folder: KV-cached greedy generation.
+
+onnxruntime-genai runs the folder from its genai_config.json alone, the way an edge
+application would. It owns its cache and returns only the newest position's logits, so
+it serves generation and decode timing here, not perplexity (which scores every
+position through the ONNX backend instead).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fanformer.errors import FANformerError
+
+
+class GenaiSession:
+    """One greedy generation at a time: `prefill(prompt_ids)`, then `step()` per token."""
+
+    def __init__(self, folder: str | Path):
+        import onnxruntime_genai as og
+
+        self.og = og
+        try:
+            self.model = og.Model(str(folder))
+        except Exception as err:  # genai raises RuntimeError with its own text
+            raise FANformerError(f"onnxruntime-genai cannot load {folder} ({err}); "
+                                 "export the checkpoint with `fanformer export --format onnx`") from None
+        self.tokenizer = og.Tokenizer(self.model)
+        self.eos_id = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["eos_token_id"]
+        self.generator = None
+
+    def prefill(self, prompt_ids: list[int], max_length: int) -> None:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        self.generator = self.og.Generator(self.model, params)
+        self.generator.append_tokens(list(prompt_ids))
+
+    def step(self) -> int | None:
+        """The next greedy token, or None once generation has ended (EOS or max_length)."""
+        if self.generator.is_done():
+            return None
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of `prompt_ids`, EOS left out, as `runtime.reference_greedy`."""
+        self.prefill(prompt_ids, len(prompt_ids) + max_new_tokens)
+        out = []
+        while (token := self.step()) is not None:
+            out.append(token)
+        return out[:-1] if out and out[-1] == self.eos_id else out
