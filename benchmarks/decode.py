@@ -122,24 +122,60 @@ def best_seconds(measure, repeats: int) -> float:
     return min(measure() for _ in range(repeats))
 
 
+class GenaiTimer:
+    """onnxruntime-genai on an ONNX folder, timed like a backend: `append_tokens` is the
+    prefill, each `generate_next_token` one decode step. Batch 1; the tokens are the same
+    random prompt the backends get."""
+
+    def __init__(self, folder: str):
+        from fanformer.config import FANformerConfig
+        from runtime.backend import BackendInfo
+        from runtime.genai import GenaiSession
+
+        self.session = GenaiSession(folder)
+        config = FANformerConfig.from_file(folder)
+        self.info = BackendInfo(format="onnxruntime-genai", path=folder, vocab_size=config.vocab_size,
+                                max_seq_len=config.max_seq_len, bos_id=0, eos_id=self.session.eos_id, pad_id=0,
+                                dtype="(the folder's)", device="cpu")
+
+    def time_prefill(self, prompt: torch.Tensor) -> float:
+        with Timer("cpu") as timer:
+            self.session.prefill(prompt[0].tolist(), self.info.max_seq_len)
+        return timer.seconds
+
+    def time_decode(self, prompt: torch.Tensor, steps: int) -> float:
+        self.session.prefill(prompt[0].tolist(), prompt.shape[1] + steps + 1)
+        self.session.step()  # picks a token from the prefill's logits: no model run, not timed
+        with Timer("cpu") as timer:
+            for _ in range(steps):
+                if self.session.step() is None:
+                    raise FANformerError("onnxruntime-genai stopped early (EOS) on the random prompt; "
+                                         "time fewer --decode-steps")
+        return timer.seconds
+
+
 def benchmark(backend: Backend, args) -> dict:
     info = backend.info
     batch, steps = args.batch_size, args.decode_steps
-    if steps >= info.max_seq_len:
+    if steps + 1 >= info.max_seq_len:
         raise FANformerError(f"--decode-steps {steps} leaves no room for a prompt in max_seq_len "
                              f"{info.max_seq_len}; use fewer steps")
     prompt_len = min(args.prompt_len, info.max_seq_len)
-    contexts = sorted({min(c, info.max_seq_len - steps) for c in (SHORT_CONTEXT, LONG_CONTEXT)})
+    # One position to spare: onnxruntime-genai's max_length counts the token it picks from the prefill.
+    contexts = sorted({min(c, info.max_seq_len - steps - 1) for c in (SHORT_CONTEXT, LONG_CONTEXT)})
     if info.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
+    genai = isinstance(backend, GenaiTimer)
+    prefill = backend.time_prefill if genai else lambda p: time_prefill(backend, p)
+    decode = backend.time_decode if genai else lambda p, n: time_decode(backend, p, n)
     prompt = random_prompt(backend, batch, prompt_len)
-    seconds = best_seconds(lambda: time_prefill(backend, prompt), args.repeats)
+    seconds = best_seconds(lambda: prefill(prompt), args.repeats)
     rows = [{"phase": "prefill", "context": 0, "tokens": batch * prompt_len, "calls": 1,
              "seconds": seconds, "tokens_per_s": batch * prompt_len / seconds}]
     for context in contexts:
         prompt = random_prompt(backend, batch, context)
-        seconds = best_seconds(lambda: time_decode(backend, prompt, steps), args.repeats)
+        seconds = best_seconds(lambda: decode(prompt, steps), args.repeats)
         rows.append({"phase": f"decode @ {context}", "context": context, "tokens": batch * steps,
                      "calls": steps, "seconds": seconds, "tokens_per_s": batch * steps / seconds})
 
@@ -157,6 +193,10 @@ def benchmark(backend: Backend, args) -> dict:
 
 
 def load(args) -> tuple[Backend, str]:
+    if args.genai:
+        if args.path is None or args.batch_size != 1:
+            raise FANformerError("--genai needs an exported ONNX folder as PATH and --batch-size 1")
+        return GenaiTimer(args.path), str(args.path)
     if args.path is not None:
         return load_backend(args.path, dtype=args.dtype, device=args.device), str(args.path)
     torch.manual_seed(0)
@@ -182,6 +222,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=32, help="timed decode calls per run (default: 32)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per measurement; the fastest is kept (default: 3)")
+    parser.add_argument("--genai", action="store_true",
+                        help="time onnxruntime-genai on the ONNX folder PATH instead of the ONNX backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
     if min(args.batch_size, args.prompt_len, args.decode_steps, args.repeats) <= 0:
