@@ -18,9 +18,11 @@ EXPORTERS = {"onnx": _onnx}
 
 
 def default_output(checkpoint: str | Path, format: str, **options) -> Path:
-    """`<checkpoint>-<format>[-<dtype>][-<quantize>]` beside the checkpoint."""
+    """`<checkpoint>-<format>[-<dtype>][-<quantize>][-bs<block size>]` beside the checkpoint."""
     checkpoint = Path(checkpoint)
     parts = [format] + [str(options[k]) for k in ("dtype", "quantize") if options.get(k) not in (None, "fp32")]
+    if options.get("block_size") is not None:
+        parts.append(f"bs{options['block_size']}")
     return checkpoint.with_name(f"{checkpoint.name}-{'-'.join(parts)}")
 
 

@@ -135,7 +135,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a checkpoint to ONNX (a folder onnxruntime and onnxruntime-genai run as is)."""
     from export import export
 
-    options = {"dtype": args.dtype, "force": args.force}
+    options = {"dtype": args.dtype, "quantize": args.quantize, "block_size": args.block_size, "force": args.force}
     out = export(args.checkpoint, args.format, args.out, **options)
     print(f"wrote {out}")
 
@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="checkpoint directory")
     exp.add_argument("--format", required=True, choices=["onnx"], help="output format")
     exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and compute (default fp32)")
-    exp.add_argument("--out", help="output folder (default: <checkpoint>-<format>[-<dtype>] beside the checkpoint)")
+    # No argparse choices for these two: the exporter checks them (with the dtype) and says what to do.
+    exp.add_argument("--quantize", help="int8 (dynamic), int4 or int8-wo (weight-only, MatMulNBits); default none")
+    exp.add_argument("--block-size", type=int, help="int4/int8-wo block size: 32 (default), 64 or 128")
+    exp.add_argument("--out", help="output folder (default: <checkpoint>-<format>[-<dtype>][-<quantize>] "
+                                   "beside the checkpoint)")
     exp.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from export import onnx_format as names
+from fanformer.checkpoint import CONFIG_FILE
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
@@ -52,6 +53,9 @@ class OnnxBackend(Backend):
             raise FANformerError(f"{path} is not an exported ONNX model: expected a folder with "
                                  f"{names.MODEL_FILE} or a .onnx file")
         folder = model_file.parent
+        if not (folder / CONFIG_FILE).is_file():
+            raise FANformerError(f"{model_file} has no {CONFIG_FILE} beside it, so it is not a FANformer export: "
+                                 "pass the folder `fanformer export` wrote (model.onnx, config.json, tokenizer.json)")
         self.config = FANformerConfig.from_file(folder)
         self.tokenizer = load_tokenizer(folder)
         generation_file = folder / "generation_config.json"
