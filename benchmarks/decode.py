@@ -14,7 +14,7 @@ same script as the PyTorch one: pass its model path instead of a preset.
   attention over the longer past, so decode@512 / decode@16 stays near 1; recomputing
   the whole prefix each step would make it fall roughly as 16 / 512.
 - peak memory: on CUDA, torch.cuda.max_memory_allocated since the model was loaded
-  (weights included); on the CPU, the process's peak resident set size (ru_maxrss),
+  (weights included); on the CPU, the process's peak resident set size (VmHWM),
   which also counts the Python interpreter, torch itself and, for a preset, the fp32
   copy the model is built in. The weight bytes are printed beside it for scale.
 
@@ -70,6 +70,20 @@ def weight_stats(backend: Backend) -> tuple[int | None, int | None]:
         return sum(f.stat().st_size for f in path.iterdir()
                    if f.suffix in (".safetensors", ".onnx", ".gguf", ".bin", ".data")), None
     return None, None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: ru_maxrss survives
+    exec, so a process started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 class Timer:
@@ -183,10 +197,8 @@ def benchmark(backend: Backend, args) -> dict:
     weight_bytes, params = weight_stats(backend)
     if info.device.startswith("cuda"):
         memory = {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda max allocated"}
-    else:  # ru_maxrss is KiB on Linux, bytes on macOS
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        memory = {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
-                  "peak_memory_kind": "process peak RSS"}
+    else:
+        memory = {"peak_memory_bytes": peak_rss_bytes(), "peak_memory_kind": "process peak RSS"}
     return {"rows": rows, "prompt_len": prompt_len, "contexts": contexts,
             "decode_long_over_short": decode[-1]["tokens_per_s"] / decode[0]["tokens_per_s"],
             "weight_bytes": weight_bytes, "params": params, **memory}

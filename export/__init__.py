@@ -14,12 +14,25 @@ def _onnx(checkpoint, out, **options):
     return export_onnx(checkpoint, out, **options)
 
 
-EXPORTERS = {"onnx": _onnx}
+def _gguf(checkpoint, out, **options):
+    from export.gguf_export import export_gguf
+
+    return export_gguf(checkpoint, out, **options)
+
+
+EXPORTERS = {"onnx": _onnx, "gguf": _gguf}
 
 
 def default_output(checkpoint: str | Path, format: str, **options) -> Path:
-    """`<checkpoint>-<format>[-<dtype>][-<quantize>][-bs<block size>]` beside the checkpoint."""
+    """Beside the checkpoint: the file `<checkpoint>[-llama]-<type>.gguf` for GGUF (`-llama`
+    for --arch llama only), else the folder `<checkpoint>-<format>[-<dtype>][-<quantize>][-bs<block size>]`."""
     checkpoint = Path(checkpoint)
+    if format == "gguf":
+        from export import gguf_format
+
+        parts = [checkpoint.name] + (["llama"] if options.get("arch") == gguf_format.LLAMA_ARCH else [])
+        parts.append(options.get("type") or gguf_format.DEFAULT_WEIGHT_TYPE)
+        return checkpoint.with_name("-".join(parts) + gguf_format.FILE_SUFFIX)
     parts = [format] + [str(options[k]) for k in ("dtype", "quantize") if options.get(k) not in (None, "fp32")]
     if options.get("block_size") is not None:
         parts.append(f"bs{options['block_size']}")

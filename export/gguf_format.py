@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from gguf import GGMLQuantizationType, LlamaFileType
+
 ARCH = "fanformer"
 LLAMA_ARCH = "llama"
 FILE_SUFFIX = ".gguf"
@@ -59,8 +61,35 @@ TOKENIZER_BOS_ID = "tokenizer.ggml.bos_token_id"
 TOKENIZER_EOS_ID = "tokenizer.ggml.eos_token_id"
 TOKENIZER_PAD_ID = "tokenizer.ggml.padding_token_id"
 TOKENIZER_ADD_BOS = "tokenizer.ggml.add_bos_token"
+TOKENIZER_ADD_EOS = "tokenizer.ggml.add_eos_token"
 TOKENIZER_MODEL_GPT2 = "gpt2"
 TOKENIZER_PRE_GPT2 = "gpt-2"  # the GPT-2 split regex of tokenizers' ByteLevel pre-tokenizer
+
+# Hyperparameters of a plain `llama` file (export --arch llama): llama.cpp's names only.
+LLAMA_KEYS = (CONTEXT_LENGTH, EMBEDDING_LENGTH, BLOCK_COUNT, FEED_FORWARD_LENGTH, HEAD_COUNT, HEAD_COUNT_KV,
+              KEY_LENGTH, VALUE_LENGTH, RMS_EPS, ROPE_FREQ_BASE, ROPE_DIMENSION_COUNT, VOCAB_SIZE)
+# Everything a FANformer file holds under its architecture prefix.
+FANFORMER_KEYS = LLAMA_KEYS + PROJECT_KEYS
+
+# --- Weight types (export --type) -------------------------------------------------
+# name -> (tensor type of the 2-D weights, general.file_type). Every 1-D tensor (norms,
+# biases, residual gates) stays F32 whatever the type, as llama.cpp's converter does.
+WEIGHT_TYPES = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q5_0": (GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+}
+DEFAULT_WEIGHT_TYPE = "f16"
+SMALL_TENSOR_TYPE = GGMLQuantizationType.F32
+# A 2-D tensor whose row length (ne[0] = in_features) is not a multiple of the quant
+# block (32 for every q* type above, so no other q* type fits either) is stored in this
+# type, as llama.cpp's convert_hf_to_gguf.py and llama-quantize both do.
+FALLBACK_TYPE = GGMLQuantizationType.F16
 
 # --- Tensor names ---------------------------------------------------------------
 # (pattern over FANformer state_dict keys, GGUF name template). CoLA layers store their

@@ -132,11 +132,17 @@ def backend_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Export a checkpoint to ONNX (a folder onnxruntime and onnxruntime-genai run as is)."""
+    """Export a checkpoint to ONNX (a folder onnxruntime and onnxruntime-genai run as is) or GGUF (one file)."""
     from export import export
 
-    options = {"dtype": args.dtype, "quantize": args.quantize, "block_size": args.block_size, "force": args.force}
-    out = export(args.checkpoint, args.format, args.out, **options)
+    flags = {"onnx": {"dtype": "--dtype", "quantize": "--quantize", "block_size": "--block-size"},
+             "gguf": {"type": "--type", "arch": "--arch"}}
+    for fmt, owned in flags.items():
+        given = [flag for name, flag in owned.items() if getattr(args, name) is not None]
+        if fmt != args.format and given:
+            raise FANformerError(f"{', '.join(given)} only apply to --format {fmt}")
+    options = {name: getattr(args, name) for name in flags[args.format] if getattr(args, name) is not None}
+    out = export(args.checkpoint, args.format, args.out, force=args.force, **options)
     print(f"wrote {out}")
 
 
@@ -275,15 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     add_dataclass_flags(info, FANformerConfig, "model config (each flag overrides the preset)", show_defaults=False)
 
+    from export import gguf_format
+
     exp = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
     exp.add_argument("checkpoint", help="checkpoint directory")
-    exp.add_argument("--format", required=True, choices=["onnx"], help="output format")
-    exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and compute (default fp32)")
+    exp.add_argument("--format", required=True, choices=["onnx", "gguf"], help="output format")
+    exp.add_argument("--dtype", choices=["fp32", "fp16"], help="onnx: weights and compute (default fp32)")
     # No argparse choices for these two: the exporter checks them (with the dtype) and says what to do.
     exp.add_argument("--quantize", help="int8 (dynamic), int4 or int8-wo (weight-only, MatMulNBits); default none")
     exp.add_argument("--block-size", type=int, help="int4/int8-wo block size: 32 (default), 64 or 128")
-    exp.add_argument("--out", help="output folder (default: <checkpoint>-<format>[-<dtype>][-<quantize>] "
-                                   "beside the checkpoint)")
+    exp.add_argument("--type", choices=list(gguf_format.WEIGHT_TYPES),
+                     help=f"gguf: type of the 2-D weights (default {gguf_format.DEFAULT_WEIGHT_TYPE}; "
+                          "1-D tensors stay f32)")
+    exp.add_argument("--arch", choices=[gguf_format.ARCH, gguf_format.LLAMA_ARCH],
+                     help="gguf: fanformer (default; every option) or llama (llama.cpp's own; "
+                          "p=0 pre-norm models only)")
+    exp.add_argument("--out", help="output folder (onnx; default <checkpoint>-onnx[-<dtype>][-<quantize>]) or file "
+                                   "(gguf; default <checkpoint>[-llama]-<type>.gguf), beside the checkpoint")
     exp.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
