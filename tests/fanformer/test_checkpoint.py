@@ -117,3 +117,17 @@ def test_atomic_write_keeps_the_old_directory_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left behind
     write_directory_atomically(out, lambda d: (d / "b.txt").write_text("new"))
     assert [p.name for p in out.iterdir()] == ["b.txt"]
+
+
+def test_transformers_batched_generate_with_left_padding(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_checkpoint(tmp_path / "ckpt", tokenizer, norm="hybrid")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt", padding_side="left")
+    prompts = ["def add(a, b):", "π"]
+    batch = hf_tok(prompts, return_tensors="pt", padding=True)
+    together = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, -6:]
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(**hf_tok([prompt], return_tensors="pt"), max_new_tokens=6, do_sample=False)
+        assert together[row].tolist() == alone[0, -6:].tolist()
