@@ -1,0 +1,250 @@
+"""GGUF export of a FANformer checkpoint: one self-contained file (weights, every
+hyperparameter, the byte-level BPE tokenizer) for llama.cpp-style runtimes.
+
+Format: GGUF v3 (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), written
+with gguf-py's `GGUFWriter` and quantized with `gguf.quants.quantize`, so every block
+layout (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, BF16) is llama.cpp's own. All key and tensor
+names come from export/gguf_format.py.
+
+Two architectures:
+
+- `fanformer` (default): every model option (FAN layer, HybridNorm, CoLA factors,
+  gated residuals) under the project's keys and tensor names; read by
+  runtime/gguf_backend.py. llama.cpp itself has no `fanformer` architecture.
+- `llama`: a plain llama.cpp `llama` file, for a checkpoint that *is* a Llama: no FAN
+  layer (p = 0, or d_model * p < 1), pre-norm, no CoLA, no gated residuals. The Q and
+  K rows are permuted from the Hugging Face rotate-half RoPE layout the model uses to
+  llama.cpp's interleaved (GPT-J style) layout, exactly as llama.cpp's
+  convert_hf_to_gguf.py (`LlamaModel.permute`) does; tied embeddings leave out
+  output.weight, and llama.cpp then reads token_embd for the LM head. Such a file
+  should run with `llama-cli -m FILE -p "def "`; no llama.cpp binary is available
+  where this project is tested, so that is checked by structure (names, keys, the
+  permutation inverted in tests/export/test_gguf_export.py), not by running it.
+
+Tensor types follow llama.cpp's converter: every 1-D tensor (norms, biases, residual
+gates) is F32; 2-D weights take the requested type, except that a q* type needs rows
+(ne[0] = in_features) in whole blocks of 32, and a tensor whose rows are not falls
+back to F16 (the fallback llama.cpp's convert_hf_to_gguf.py and llama-quantize use;
+all five q* types share the block size 32, so no other q* type would fit). The export
+logs which tensors fell back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, TokenType
+from gguf import quants
+
+from export import gguf_format as names
+from fanformer.checkpoint import load_model, model_state_dict
+from fanformer.config import FANformerConfig
+from fanformer.errors import FANformerError
+from fanformer.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
+
+log = logging.getLogger(__name__)
+
+ARCHS = (names.ARCH, names.LLAMA_ARCH)
+PAD_TOKEN = "[PAD{}]"  # rows of the embedding beyond the tokenizer, named as llama.cpp's converter does
+
+
+# --- Pure helpers -------------------------------------------------------------
+
+def llama_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Q or K rows (n_head * head_dim, in) from rotate-half RoPE pairs (i, i + hs/2) to
+    llama.cpp's interleaved pairs (2i, 2i + 1): convert_hf_to_gguf.py's LlamaModel.permute."""
+    out = weight.shape[0]
+    return (weight.reshape(n_head, 2, out // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def tensor_type(array: np.ndarray, weight_type):
+    """The GGML type a tensor is stored in: F32 for 1-D, else `weight_type` if its rows
+    fit the type's block, else FALLBACK_TYPE."""
+    if array.ndim < 2:
+        return names.SMALL_TENSOR_TYPE
+    block_size, _ = GGML_QUANT_SIZES[weight_type]
+    return weight_type if array.shape[-1] % block_size == 0 else names.FALLBACK_TYPE
+
+
+def llama_blockers(config: FANformerConfig) -> list[str]:
+    """The options that keep a checkpoint from being a plain llama.cpp `llama` model."""
+    problems = []
+    if config.has_fan:
+        problems.append(f"p = {config.p} (a FAN layer; llama needs p = 0)")
+    if config.norm != "pre":
+        problems.append(f"norm = {config.norm!r} (llama is pre-norm)")
+    if config.cola_rank:
+        problems.append(f"cola_rank = {config.cola_rank} (CoLA low-rank layers)")
+    if config.gated_residual:
+        problems.append("gated_residual = true (residual gates)")
+    return problems
+
+
+def hyperparameters(config: FANformerConfig, arch: str) -> dict[str, tuple[str, object]]:
+    """{key: (value kind, value)} under `arch`: llama.cpp's keys, plus the project's for fanformer."""
+    values = {
+        names.CONTEXT_LENGTH: ("uint32", config.max_seq_len),
+        names.EMBEDDING_LENGTH: ("uint32", config.d_model),
+        names.BLOCK_COUNT: ("uint32", config.n_layers),
+        names.FEED_FORWARD_LENGTH: ("uint32", config.ffn_dim),
+        names.HEAD_COUNT: ("uint32", config.n_heads),
+        names.HEAD_COUNT_KV: ("uint32", config.n_kv_heads),
+        names.KEY_LENGTH: ("uint32", config.head_dim),
+        names.VALUE_LENGTH: ("uint32", config.head_dim),
+        names.RMS_EPS: ("float32", config.norm_eps),
+        names.ROPE_FREQ_BASE: ("float32", config.rope_theta),
+        names.ROPE_DIMENSION_COUNT: ("uint32", config.head_dim),
+        names.VOCAB_SIZE: ("uint32", config.vocab_size),
+    }
+    if arch == names.ARCH:
+        values.update({
+            # float64, unlike llama.cpp's float32 keys: a reader rebuilding the config must get
+            # exactly the p and CoLA ratio that produced d_p and the ranks (0.35 is not a float32).
+            names.FAN_PERIODIC_RATIO: ("float64", config.p),
+            names.FAN_PERIODIC_LENGTH: ("uint32", config.d_periodic),
+            names.FAN_ACTIVATION: ("string", config.fan_activation),
+            names.NORM_SCHEME: ("string", config.norm),
+            names.COLA_RANK_RATIO: ("float64", config.cola_rank),
+            names.COLA_LM_HEAD: ("bool", config.cola_lm_head),
+            names.GATED_RESIDUAL: ("bool", config.gated_residual),
+            names.TIE_EMBEDDINGS: ("bool", config.tie_embeddings),
+        })
+    expected = names.FANFORMER_KEYS if arch == names.ARCH else names.LLAMA_KEYS
+    assert set(values) == set(expected), "hyperparameters() and gguf_format's key lists disagree"
+    return {key.format(arch=arch): value for key, value in values.items()}
+
+
+def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens in id order, their llama.cpp token types, merges as "a b") for `vocab_size` rows."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    by_id = {i: token for token, i in vocab.items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        raise FANformerError("the checkpoint's tokenizer.json has gaps in its token ids; re-train the tokenizer")
+    if len(by_id) > vocab_size:
+        raise FANformerError(f"the tokenizer has {len(by_id)} tokens but the model only {vocab_size} embedding rows; "
+                             "the checkpoint is mixed from two models")
+    tokens = [by_id[i] for i in range(len(by_id))]
+    types = [int(TokenType.CONTROL if t in SPECIAL_TOKENS else TokenType.NORMAL) for t in tokens]
+    # Rows no token uses (a vocab padded for speed): named and typed as llama.cpp's converter does.
+    padding = range(len(tokens), vocab_size)
+    tokens += [PAD_TOKEN.format(i) for i in padding]
+    types += [int(TokenType.UNUSED)] * len(padding)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    # tokenizers >= 0.20 stores merges as pairs; older files as "a b" strings.
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    return tokens, types, merges
+
+
+# --- Writing ------------------------------------------------------------------
+
+def check_output_file(out: Path, force: bool) -> Path:
+    """Refuse a folder, and an existing file without --force."""
+    if out.is_dir():
+        raise FANformerError(f"output path {out} is a folder; "
+                             f"give a file name ending in {names.FILE_SUFFIX} with --out")
+    if out.exists() and not force:
+        raise FANformerError(f"output file {out} already exists; choose another --out, or pass --force to overwrite it")
+    return out
+
+
+def write_file_atomically(out: Path, write) -> Path:
+    """Call `write(tmp_path)` on a temporary file beside `out`, then rename it over `out`:
+    a failure leaves the old file (or none), never a half-written one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes owner-only files
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
+    adders = {"uint32": writer.add_uint32, "float32": writer.add_float32, "float64": writer.add_float64,
+              "bool": writer.add_bool, "string": writer.add_string}
+    adders[kind](key, value)
+
+
+def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAULT_WEIGHT_TYPE,
+                arch: str = names.ARCH, force: bool = False) -> Path:
+    """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
+    gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if type not in names.WEIGHT_TYPES:
+        raise FANformerError(f"unsupported GGUF type {type!r}; choose one of {', '.join(names.WEIGHT_TYPES)}")
+    if arch not in ARCHS:
+        raise FANformerError(f"unsupported GGUF architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_output_file(out, force)
+    model = load_model(checkpoint)
+    config = model.config
+    if arch == names.LLAMA_ARCH and (blockers := llama_blockers(config)):
+        raise FANformerError(f"{checkpoint} cannot be exported as a llama model: {'; '.join(blockers)}; "
+                             "export it with --arch fanformer instead")
+    tokenizer = load_tokenizer(checkpoint)
+    special = special_token_ids(tokenizer)
+    tokens, token_types, merges = vocabulary(tokenizer, config.vocab_size)
+    weight_type, file_type = names.WEIGHT_TYPES[type]
+
+    def write(tmp: Path) -> None:
+        log.info("exporting %s to GGUF (%s, %s)", checkpoint, arch, type)
+        writer = GGUFWriter(tmp, arch)  # writes general.architecture itself
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    def fill(writer: GGUFWriter) -> None:
+        writer.add_string(names.GENERAL_NAME, checkpoint.name)
+        writer.add_uint32(names.GENERAL_FILE_TYPE, int(file_type))
+        writer.add_uint32(names.GENERAL_QUANTIZATION_VERSION, GGML_QUANT_VERSION)
+        writer.add_custom_alignment(GGUF_DEFAULT_ALIGNMENT)  # general.alignment, stated explicitly
+        for key, (kind, value) in hyperparameters(config, arch).items():
+            _add(writer, key, kind, value)
+        writer.add_string(names.TOKENIZER_MODEL, names.TOKENIZER_MODEL_GPT2)
+        writer.add_string(names.TOKENIZER_PRE, names.TOKENIZER_PRE_GPT2)
+        writer.add_array(names.TOKENIZER_TOKENS, tokens)
+        writer.add_array(names.TOKENIZER_TOKEN_TYPE, token_types)
+        writer.add_array(names.TOKENIZER_MERGES, merges)
+        writer.add_uint32(names.TOKENIZER_BOS_ID, special["bos_token_id"])
+        writer.add_uint32(names.TOKENIZER_EOS_ID, special["eos_token_id"])
+        writer.add_uint32(names.TOKENIZER_PAD_ID, special["pad_token_id"])
+        # The project never inserts BOS/EOS behind the caller's back (fanformer/tokenizer.py).
+        writer.add_bool(names.TOKENIZER_ADD_BOS, False)
+        writer.add_bool(names.TOKENIZER_ADD_EOS, False)
+
+        fell_back = []
+        for key, tensor in model_state_dict(model).items():  # the tied LM head is left out
+            array = tensor.to(torch.float32).numpy()
+            if arch == names.LLAMA_ARCH and key.endswith("attn.q_proj.weight"):
+                array = llama_permute(array, config.n_heads)
+            elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
+                array = llama_permute(array, config.n_kv_heads)
+            qtype = tensor_type(array, weight_type)
+            if qtype != weight_type and array.ndim >= 2:
+                fell_back.append(names.gguf_tensor_name(key))
+            data = quants.quantize(np.ascontiguousarray(array), qtype)
+            writer.add_tensor(names.gguf_tensor_name(key), data, raw_dtype=qtype)
+        if fell_back:
+            block_size, _ = GGML_QUANT_SIZES[weight_type]
+            log.warning("%d tensor(s) stored as %s instead of %s (row length not a multiple of %d): %s",
+                        len(fell_back), names.FALLBACK_TYPE.name.lower(), type, block_size, ", ".join(fell_back))
+
+    return write_file_atomically(out, write)
