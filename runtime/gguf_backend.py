@@ -27,6 +27,8 @@ How weights are held (nothing is kept in fp32 unless the file is fp32):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 from pathlib import Path
 
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, TokenType
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from export import gguf_format as names
@@ -164,19 +166,24 @@ class Int4Linear(nn.Module):
     as the kernel requires.
     """
 
+    PACK_ROWS = 4096  # rows unpacked at a time while packing (a multiple of the kernel's 64-row tiles)
+
     def __init__(self, blocks: torch.Tensor, qtype: GGMLQuantizationType, bias: torch.Tensor | None):
         super().__init__()
         out_features, n_blocks, _ = blocks.shape  # (out, in / 32, type_size)
         self.out_features, self.in_features = out_features, n_blocks * INT4_GROUP
-        planes = int4_planes(blocks, qtype)
-        self.n_planes = len(planes)
-        padded = -out_features % 16
-        q = torch.cat([p[0].flatten(1) for p in planes], dim=1)  # (out, planes * in)
-        scales_zeros = torch.cat([torch.cat([scale, zero], dim=-1) for _, scale, zero in planes], dim=1)
-        q = F.pad(q, (0, 0, 0, padded)).to(torch.int32)
-        scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, padded))  # (out', planes * in / 32, 2)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
-        self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16),
+        packed, scales_zeros = [], []
+        for start in range(0, out_features, self.PACK_ROWS):  # bounds the int32 copy the packer needs
+            planes = int4_planes(blocks[start:start + self.PACK_ROWS], qtype)
+            self.n_planes = len(planes)
+            q = torch.cat([p[0].flatten(1) for p in planes], dim=1)  # (rows, planes * in)
+            sz = torch.cat([torch.cat([scale, zero], dim=-1) for _, scale, zero in planes], dim=1)
+            padded = -q.shape[0] % 16  # only the last chunk can be short
+            q = F.pad(q, (0, 0, 0, padded)).to(torch.int32)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            scales_zeros.append(F.pad(sz, (0, 0, 0, 0, 0, padded)).to(torch.bfloat16))  # (rows', planes * in / 32, 2)
+        self.register_buffer("packed", torch.cat(packed), persistent=False)
+        self.register_buffer("scales_zeros", torch.cat(scales_zeros).transpose(0, 1).contiguous(),
                              persistent=False)  # (groups, out', 2): the kernel's layout
         self.register_buffer("bias", bias, persistent=False)
 
@@ -184,12 +191,52 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
         if self.n_planes > 1:
-            x = x.repeat(1, self.n_planes)  # (M, planes * in)
+            x = torch.cat([x] * self.n_planes, dim=1)  # (M, planes * in)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
         y = y[:, :self.out_features].float()  # (M, out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+
+class SharedInputLinear(nn.Module):
+    """Linear layers that read the same input (Q, K, V; SwiGLU's gate and up), run as one
+    matrix: one kernel call instead of three, which is most of a small model's decode
+    step. Each member returns its slice of the joint output. The joint output is
+    computed when a member is called with an input other than the one held, and is
+    released once every member has taken its slice, so no call pattern can see a
+    stale result unless a tensor is modified in place between sibling calls (the
+    model never does that).
+    """
+
+    def __init__(self, linear: nn.Module, widths: list[int]):
+        super().__init__()
+        self.linear = linear
+        bounds = np.cumsum([0] + widths).tolist()
+        # A plain list: the members own this module (as their child), not the other way round.
+        self.members = [OutputSlice(self, i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        self._input = self._output = None
+        self._waiting: set[int] = set()
+
+    def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        if x is not self._input or member not in self._waiting:
+            self._input, self._output = x, self.linear(x)
+            self._waiting = set(range(len(self.members)))
+        out = self._output
+        self._waiting.discard(member)
+        if not self._waiting:
+            self._input = self._output = None
+        return out
+
+
+class OutputSlice(nn.Module):
+    def __init__(self, shared: SharedInputLinear, index: int, start: int, stop: int):
+        super().__init__()
+        self.shared = shared  # one module under several names: parameters() counts it once
+        self.index, self.start, self.stop = index, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.output(x, self.index)[..., self.start:self.stop]
 
 
 class GGUFEmbedding(nn.Module):
@@ -269,7 +316,8 @@ class Metadata:
         if value is None:
             raise FANformerError(f"{self.path} has no {key.format(arch=arch)} key: it is incomplete; export it again")
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # Stored as float32: take the shortest decimal that rounds to it, so 1e-6 comes back as 1e-6.
+            return float(str(np.float32(value)))
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise FANformerError(f"{self.path}: key {key.format(arch=arch)} is {value!r}, expected a {kind.__name__}")
         return value
@@ -289,7 +337,8 @@ def config_from_metadata(meta: Metadata, arch: str, tensor_names: set[str]) -> F
         fields.update(
             vocab_size=meta.require(names.VOCAB_SIZE, arch), n_kv_heads=meta.require(names.HEAD_COUNT_KV, arch),
             head_dim=meta.require(names.KEY_LENGTH, arch), rope_theta=meta.require(names.ROPE_FREQ_BASE, arch, float),
-            p=meta.require(names.FAN_PERIODIC_RATIO, arch, float), fan_activation=meta.require(names.FAN_ACTIVATION, arch, str),
+            p=meta.require(names.FAN_PERIODIC_RATIO, arch, float),
+            fan_activation=meta.require(names.FAN_ACTIVATION, arch, str),
             norm=meta.require(names.NORM_SCHEME, arch, str), cola_rank=meta.require(names.COLA_RANK_RATIO, arch, float),
             cola_lm_head=meta.require(names.COLA_LM_HEAD, arch, bool),
             gated_residual=meta.require(names.GATED_RESIDUAL, arch, bool),
@@ -300,7 +349,7 @@ def config_from_metadata(meta: Metadata, arch: str, tensor_names: set[str]) -> F
             vocab_size=meta.get(names.VOCAB_SIZE, len(tokens) if tokens else None, arch),
             n_kv_heads=meta.get(names.HEAD_COUNT_KV, n_heads, arch),
             head_dim=meta.get(names.KEY_LENGTH, d_model // n_heads if n_heads else 0, arch),
-            rope_theta=float(meta.get(names.ROPE_FREQ_BASE, 10000.0, arch)),
+            rope_theta=float(str(np.float32(meta.get(names.ROPE_FREQ_BASE, 10000.0, arch)))),
             p=0.0, norm="pre", tie_embeddings="output.weight" not in tensor_names)
         if fields["vocab_size"] is None:
             raise FANformerError(f"{meta.path} has neither {names.VOCAB_SIZE.format(arch=arch)} "
@@ -365,12 +414,16 @@ def _gguf_shape(tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape.tolist()))  # ne[0] (the row) is the last torch dim
 
 
-def _drop_resident_pages(reader: GGUFReader) -> None:
-    """Packing read every quantized tensor once; drop those pages so resident memory is
-    what the model holds. Pages still in use (views, embedding rows) fault back in."""
+def _release_load_memory(reader: GGUFReader) -> None:
+    """Packing read every quantized tensor once and went through transient int32 copies:
+    drop those file pages (pages still in use fault back in) and hand freed heap back to
+    the OS (glibc keeps it otherwise), so resident memory is what the model holds."""
     mapped = getattr(reader.data, "_mmap", None)
     if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapped.madvise(mmap.MADV_DONTNEED)
+    libc = ctypes.util.find_library("c")
+    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 @register("gguf", detect=is_gguf_file)
@@ -398,10 +451,11 @@ class GGUFBackend(Backend):
         self.arch = arch
         self.tokenizer, ids = tokenizer_from_metadata(meta)
         self.module = self._build(tensors, path)
-        _drop_resident_pages(reader)
+        _release_load_memory(reader)
+        weight_types = "+".join(sorted({t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1}))
         self.info = BackendInfo(format="gguf", path=str(path), vocab_size=self.config.vocab_size,
-                                max_seq_len=self.config.max_seq_len, dtype="fp32", device="cpu", **ids)
-        self.weight_types = sorted({t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1})
+                                max_seq_len=self.config.max_seq_len, dtype=f"fp32 ({weight_types} weights)",
+                                device="cpu", **ids)
 
     def _build(self, tensors: dict, path: Path) -> FANformer:
         """The model on the meta device, then every tensor put in place: 2-D weights as
@@ -428,6 +482,16 @@ class GGUFBackend(Backend):
             state["lm_head.weight"] = state["embed.weight"]
 
         linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        for members in _shared_input_groups(config, linears):
+            weights = [state[f"{m}.weight"] for m in members]
+            qtypes = {qtype for _, qtype in weights}
+            if len(qtypes) > 1 or Q.F32 in qtypes or any(f"{m}.bias" in state for m in members):
+                continue  # F32 weights stay zero-copy views of the file
+            joint = make_linear(torch.cat([data for data, _ in weights]), qtypes.pop(), None)
+            shared = SharedInputLinear(joint, [data.shape[0] for data, _ in weights])
+            for name, member in zip(members, shared.members):
+                _set_submodule(model, name, member)
+                del state[f"{name}.weight"]
         for key, (data, qtype) in state.items():
             owner_name, _, leaf = key.rpartition(".")
             if key == "embed.weight":
@@ -469,6 +533,22 @@ class GGUFBackend(Backend):
         # An all-ones mask is the plain causal case: leave it out so SDPA takes its fast path.
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         return self.module(input_ids, attention_mask=mask, cache=cache).float()
+
+
+SHARED_INPUT = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("ffn.gate_proj", "ffn.up_proj"))
+
+
+def _shared_input_groups(config: FANformerConfig, linears: set[str]) -> list[list[str]]:
+    """Linear layers of each block that read the same tensor: Q, K, V and gate, up (with
+    CoLA, their first factors A)."""
+    groups = []
+    for i in range(config.n_layers):
+        for group in SHARED_INPUT:
+            for factor in ("", ".lora_a"):
+                members = [f"blocks.{i}.{name}{factor}" for name in group]
+                if all(m in linears for m in members):
+                    groups.append(members)
+    return groups
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
