@@ -34,6 +34,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TRAINING_STATE_FILE = "training_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+QUANTIZATION_KEY = "quantization_config"  # in config.json of a quantized checkpoint (quant/checkpoint.py)
 
 # The seed card's inference defaults.
 DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 100, "top_p": 0.85}
@@ -104,16 +105,18 @@ def model_state_dict(model: FANformer) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out: str | Path, model: FANformer, tokenizer, *,
                     training_state: tuple[dict[str, torch.Tensor], dict] | None = None,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, config_extra: dict | None = None) -> Path:
     """Write a complete checkpoint directory at `out`, replacing any previous one.
-    `extra_files` maps file names to text written alongside (e.g. the metrics log)."""
+    `extra_files` maps file names to text written alongside (e.g. the metrics log);
+    `config_extra` adds keys to config.json (e.g. a quantized model's quantization_config)."""
     from fanformer.tokenizer import save_tokenizer, special_token_ids
 
     config = model.config
     special = special_token_ids(tokenizer)
 
     def write(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, special), indent=2))
+        config_json = {**hf_config_dict(config, special), **(config_extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         save_tokenizer(tokenizer, tmp, model_max_length=config.max_seq_len)
         generation = {**special, **DEFAULT_SAMPLING, "max_length": config.max_seq_len}
@@ -140,6 +143,15 @@ def load_config(path: str | Path) -> FANformerConfig:
     return FANformerConfig.from_file(path)
 
 
+def read_quantization_config(path: str | Path) -> dict | None:
+    """config.json's `quantization_config` (a quantized checkpoint), or None (a float one)."""
+    try:
+        found = json.loads((Path(path) / CONFIG_FILE).read_text()).get(QUANTIZATION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
@@ -152,9 +164,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Rebuild the model from config.json and load model.safetensors, strictly."""
     path = Path(path)
     config = load_config(path)
+    if read_quantization_config(path) is not None:
+        raise FANformerError(f"{path} is a quantized checkpoint; load it with quant.checkpoint.load_quantized_model "
+                             "(runtime.load_backend does), or quantize its float checkpoint")
     with torch.device("meta"):
         model = FANformer(config)
-    state = load_safetensors(path / WEIGHTS_FILE)
+    return load_state(model, load_safetensors(path / WEIGHTS_FILE), path, device, dtype)
+
+
+def load_state(model: FANformer, state: dict[str, torch.Tensor], path: Path,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FANformer:
+    """Assign `state` to a meta-device `model` after checking it matches key for key and
+    shape for shape; re-tie the LM head; move to device/dtype; eval mode."""
+    config = model.config
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:

@@ -146,6 +146,44 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Quantize a checkpoint's linear layers (RTN or GPTQ) into a GPTQ-layout checkpoint at --out."""
+    from fanformer.checkpoint import load_config
+    from quant.checkpoint import quantize_checkpoint
+    from quant.config import CONFIGS
+
+    gptq_only = {"--act-order": args.act_order or None, "--calib-data": args.calib_data,
+                 "--calib-samples": args.calib_samples, "--calib-seq-len": args.calib_seq_len}
+    options = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, keep=tuple(args.keep or ()),
+                   lm_head=args.lm_head)
+    if args.method == "gptq":
+        max_seq_len = load_config(args.checkpoint).max_seq_len
+        options.update(act_order=args.act_order, calib_samples=args.calib_samples or 128,
+                       calib_seq_len=args.calib_seq_len or min(512, max_seq_len), seed=args.seed)
+    elif any(value is not None for value in gptq_only.values()):
+        given = [flag for flag, value in gptq_only.items() if value is not None]
+        raise FANformerError(f"{', '.join(given)} only apply to --method gptq")
+    config = CONFIGS[args.method](**options)
+    report = quantize_checkpoint(args.checkpoint, config, args.out, force=args.force, calib_data=args.calib_data,
+                                 cache_dir=args.cache_dir, progress=not args.quiet)
+    print(format_quant_report(report))
+    print(f"wrote {args.out}")
+
+
+def format_quant_report(report: dict) -> str:
+    layers = report["layers"]
+    width = max(len(name) for name in layers)
+    metric = next(iter(layers.values()))["metric"]
+    lines = [f"{'layer':<{width}}  {'shape':>12}  {metric:>12}"]
+    for name, layer in layers.items():
+        lines.append(f"{name:<{width}}  {'x'.join(map(str, layer['shape'])):>12}  {layer['error']:>12.4g}")
+    config = report["config"]
+    lines.append(f"{report['method']} {config['bits']}-bit, group size {config['group_size']}, "
+                 f"{'sym' if config['sym'] else 'asym'}: {len(layers)} layers quantized, "
+                 f"{len(report['kept'])} linear(s) left in float, {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text with KV caching from a checkpoint or exported model; interactive without --prompt."""
     from runtime import generate, load_backend
@@ -247,7 +285,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "info": cmd_info, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval,
-            "quickstart": cmd_quickstart}
+            "quickstart": cmd_quickstart, "quantize": cmd_quantize}
 
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="output folder (onnx; default <checkpoint>-onnx[-<dtype>][-<quantize>]) or file "
                                    "(gguf; default <checkpoint>[-llama]-<type>.gguf), beside the checkpoint")
     exp.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+    qz = sub.add_parser("quantize", help=cmd_quantize.__doc__, description=cmd_quantize.__doc__)
+    qz.add_argument("checkpoint", help="float checkpoint directory")
+    qz.add_argument("--method", required=True, choices=["rtn", "gptq"], help="rtn (round to nearest) or gptq")
+    qz.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (default 4)")
+    qz.add_argument("--group-size", type=int, default=128, help="128 (default), 64, 32, or -1 (per channel)")
+    sym = qz.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (min-max with zero point)")
+    qz.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    qz.add_argument("--calib-data", nargs="+", help="gptq: corpus files/folders/globs whose TRAINING split "
+                    "calibrates (default: the Python standard library)")
+    qz.add_argument("--calib-samples", type=int, help="gptq: calibration windows (default 128)")
+    qz.add_argument("--calib-seq-len", type=int, help="gptq: tokens per window (default min(512, max_seq_len))")
+    qz.add_argument("--keep", action="append", metavar="PATTERN",
+                    help="leave matching layers in float, e.g. 'blocks.*.attn.fan.proj' (repeatable)")
+    qz.add_argument("--lm-head", action="store_true", help="quantize the LM head too (not when tied)")
+    qz.add_argument("--seed", type=int, default=0, help="calibration window seed (default 0)")
+    qz.add_argument("--out", required=True, help="quantized checkpoint directory to write")
+    qz.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    qz.add_argument("--cache-dir", help="token cache (default $FANFORMER_CACHE or ~/.cache/fanformer)")
+    qz.add_argument("--quiet", action="store_true", help="no progress bar")
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_backend_flags(gen)

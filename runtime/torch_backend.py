@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fanformer.checkpoint import CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, load_model
+from fanformer.checkpoint import CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, load_model, read_quantization_config
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer, special_token_ids
@@ -29,7 +29,12 @@ class TorchBackend(Backend):
     round_weights="fp16" to round the weights to fp16 first (the FP16 reference)."""
 
     def __init__(self, path: Path, dtype: str = "fp32", device: str = "cpu", round_weights: str | None = None):
-        model = load_model(path)
+        if read_quantization_config(path) is not None:  # GPTQ-layout weights, kept packed (quant/)
+            from quant.checkpoint import load_quantized_model
+
+            model = load_quantized_model(path)
+        else:
+            model = load_model(path)
         self._setup(model, load_tokenizer(path), str(path), dtype, device, round_weights)
         generation_file = path / GENERATION_CONFIG_FILE
         if generation_file.is_file():
@@ -52,7 +57,8 @@ class TorchBackend(Backend):
         if round_weights is not None:
             with torch.no_grad():
                 for tensor in list(model.parameters()) + list(model.buffers()):
-                    tensor.copy_(tensor.to(resolve_dtype(round_weights)).to(tensor.dtype))
+                    if tensor.is_floating_point():  # a quantized model's packed integers stay as they are
+                        tensor.copy_(tensor.to(resolve_dtype(round_weights)).to(tensor.dtype))
         self.model = model.to(device=torch_device, dtype=torch_dtype).eval()
         self.tokenizer = tokenizer
         ids = special_token_ids(tokenizer) if tokenizer is not None else \

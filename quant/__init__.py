@@ -1,0 +1,119 @@
+"""Post-training weight quantization of FANformer models: one entry point,
+`quantize(model, config, calibration)`, with the method picked by the config's type.
+
+    from quant import GPTQConfig, quantize
+    report = quantize(model, GPTQConfig(bits=4, group_size=128), calibration=tokens)
+
+Each method is a handler registered for its config type; it returns, per layer name, a
+`QuantizedWeight` on the shared grid (`quant.grid`), and this module swaps the layers
+for packed `QuantLinear`s (`quant.linear`). The math lives in pure functions:
+`quant.rtn.rtn_quantize`, `quant.gptq.gptq_quantize`. A new method (AWQ, ...) is one
+config class, one module with its math, and one registered handler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from fanformer.errors import FANformerError
+from quant.config import CONFIGS, GPTQConfig, RTNConfig, WeightOnlyConfig
+from quant.grid import QuantizedWeight
+from quant.linear import QuantLinear, swap_in, target_linears
+
+Handler = Callable[[nn.Module, dict[str, nn.Linear], WeightOnlyConfig, "torch.Tensor | None", bool],
+                   dict[str, QuantizedWeight]]
+HANDLERS: dict[type, Handler] = {}
+
+
+def register(config_type: type):
+    """Decorator: the handler that quantizes a model for configs of `config_type`."""
+
+    def wrap(handler: Handler) -> Handler:
+        HANDLERS[config_type] = handler
+        return handler
+
+    return wrap
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def check_layers(layers: dict[str, nn.Linear], config: WeightOnlyConfig) -> None:
+    """Fail before any work on a layer the grid or the packing cannot take."""
+    for name, layer in layers.items():
+        if config.group_size != -1 and layer.in_features % config.group_size:
+            raise FANformerError(
+                f"group size {config.group_size} does not divide the input width {layer.in_features} of {name}; "
+                f"choose a group size that does, --group-size -1 (per channel), or --keep {name}")
+        for width, what in ((layer.in_features, "input width"), (layer.out_features, "output width")):
+            if (width * config.bits) % 32:
+                raise FANformerError(
+                    f"{name}: {what} {width} cannot be packed at {config.bits} bits (the GPTQ layout needs "
+                    f"{what} x bits to be a multiple of 32); use other --bits, or --keep {name}")
+
+
+def quantize(model: nn.Module, config: WeightOnlyConfig, calibration: torch.Tensor | None = None,
+             progress: bool = True) -> dict:
+    """Quantize `model` in place (its linears become `QuantLinear`s) and return the report:
+    the config, and per layer its shape and reconstruction error; `kept` lists the
+    linears left in float. `calibration` (samples, seq_len) token ids, for methods that need it."""
+    if is_quantized(model):
+        raise FANformerError("the model is already quantized; quantize its float checkpoint instead")
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise FANformerError(f"no quantization method for {type(config).__name__}; "
+                             f"known: {', '.join(c.__name__ for c in HANDLERS)}")
+    layers = target_linears(model, config.keep, config.lm_head)
+    if not layers:
+        raise FANformerError("no layer left to quantize: every linear matches a --keep pattern")
+    check_layers(layers, config)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        results = handler(model, layers, config, calibration, progress)
+        swap_in(model, {name: QuantLinear.from_quantized(results[name], config.bits, layers[name].bias)
+                        .to(layers[name].weight.device) for name in layers})
+    model.train(was_training)
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # the quantized ones are swapped
+    return {"method": config.method, "config": config.to_dict(), "seconds": time.perf_counter() - start,
+            "layers": {name: {"shape": list(layers[name].weight.shape), "metric": results[name].metric,
+                              "error": results[name].error} for name in layers},
+            "kept": kept}
+
+
+def _stages(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str, list[str]]]:
+    """Layer names grouped by block ("blocks.0.", ...) then the LM head, in model order."""
+    prefixes = [f"blocks.{i}." for i in range(len(model.blocks))] + ["lm_head"]
+    stages = [(prefix, [n for n in layers if n.startswith(prefix)]) for prefix in prefixes]
+    return [(prefix, names) for prefix, names in stages if names]
+
+
+@register(RTNConfig)
+def _rtn(model, layers, config: RTNConfig, calibration, progress) -> dict[str, QuantizedWeight]:
+    from quant.rtn import rtn_quantize
+
+    results = {}
+    for prefix, names in tqdm(_stages(model, layers), desc="rtn", unit="block", disable=not progress):
+        for name in names:
+            results[name] = rtn_quantize(layers[name].weight, config.bits, config.group_size, config.sym)
+    return results
+
+
+@register(GPTQConfig)
+def _gptq(model, layers, config: GPTQConfig, calibration, progress) -> dict[str, QuantizedWeight]:
+    from quant.sequential import gptq_sequential
+
+    if calibration is None:
+        raise FANformerError("GPTQ needs calibration data: pass calibration token windows (samples, seq_len)")
+    return gptq_sequential(model, layers, config, calibration, _stages(model, layers), progress)
+
+
+__all__ = ["CONFIGS", "GPTQConfig", "HANDLERS", "QuantLinear", "RTNConfig", "WeightOnlyConfig", "is_quantized",
+           "quantize", "register"]

@@ -1,0 +1,106 @@
+"""Quantized checkpoint directories: the float checkpoint's layout plus the GPTQ tensors.
+
+    config.json           the model config + "quantization_config": {quant_method, bits, group_size,
+                          sym, desc_act, checkpoint_format "gptq", version, ...} (Hugging Face's keys)
+    model.safetensors     per quantized linear `<name>.qweight/.qzeros/.scales/.g_idx` (+ `.bias`),
+                          in the GPTQ v1 layout of `quant/packing.py`; every other tensor in float
+    tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), generation_config.json
+    quant_report.json     per-layer reconstruction error (GPTQ's loss, RTN's weight MSE)
+
+Nothing is pickled. Which layers are quantized is read from the tensor names, so a layer
+left in float (`--keep`) needs no bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fanformer.checkpoint import (QUANTIZATION_KEY, WEIGHTS_FILE, check_output_dir, load_config, load_model,
+                                  load_safetensors, load_state, read_quantization_config, save_checkpoint)
+from fanformer.errors import FANformerError
+from fanformer.model import FANformer
+from fanformer.tokenizer import load_tokenizer
+from quant.config import GPTQConfig, WeightOnlyConfig
+from quant.linear import QuantLinear, set_module
+from quant.packing import BITS, CHECKPOINT_FORMAT
+
+REPORT_FILE = "quant_report.json"
+FORMAT_VERSION = 1  # this project's quantized-checkpoint layout; bump on an incompatible change
+
+
+def quantization_config(config: WeightOnlyConfig) -> dict:
+    """config.json's quantization_config, in the keys transformers/GPTQModel use."""
+    return {"quant_method": config.method, "bits": config.bits, "group_size": config.group_size,
+            "sym": config.sym, "desc_act": getattr(config, "act_order", False),
+            "checkpoint_format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
+            **({"damp_percent": config.percdamp, "true_sequential": False} if isinstance(config, GPTQConfig) else {}),
+            "lm_head": config.lm_head, "keep": list(config.keep)}
+
+
+def save_quantized(out: str | Path, model: FANformer, tokenizer, config: WeightOnlyConfig, report: dict) -> Path:
+    return save_checkpoint(out, model, tokenizer, config_extra={QUANTIZATION_KEY: quantization_config(config)},
+                           extra_files={REPORT_FILE: json.dumps(report, indent=2)})
+
+
+def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -> FANformer:
+    """Rebuild a quantized model: the float structure with `QuantLinear`s where the
+    checkpoint holds packed weights; the packed tensors stay packed in memory."""
+    path = Path(path)
+    config = load_config(path)
+    qconfig = read_quantization_config(path)
+    if qconfig is None:
+        raise FANformerError(f"{path} is not a quantized checkpoint (no {QUANTIZATION_KEY} in config.json)")
+    fmt, bits, group_size = qconfig.get("checkpoint_format"), qconfig.get("bits"), qconfig.get("group_size")
+    if fmt != CHECKPOINT_FORMAT or bits not in BITS or not isinstance(group_size, int):
+        raise FANformerError(f"{path}: unsupported {QUANTIZATION_KEY} (checkpoint_format {fmt!r}, bits {bits!r}, "
+                             f"group_size {group_size!r}); expected the GPTQ v1 layout this tool writes")
+    with torch.device("meta"):
+        model = FANformer(config)
+    state = load_safetensors(path / WEIGHTS_FILE)
+    for name in sorted({key.rsplit(".", 1)[0] for key in state if key.endswith(".qweight")}):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, nn.Linear):
+            raise FANformerError(f"{path / WEIGHTS_FILE}: {name}.qweight names no linear layer of this model")
+        set_module(model, name, QuantLinear(layer.in_features, layer.out_features, bits, group_size,
+                                            bias=layer.bias is not None, device="meta"))
+    return load_state(model, state, path, device)
+
+
+def load_float_for_quantization(path: str | Path) -> tuple[FANformer, object]:
+    """The float model and tokenizer to quantize; a quantized checkpoint is refused."""
+    qconfig = read_quantization_config(path)
+    if qconfig is not None:
+        raise FANformerError(f"{path} is already quantized ({qconfig.get('quant_method')} {qconfig.get('bits')}-bit); "
+                             "quantize its float checkpoint instead")
+    return load_model(path), load_tokenizer(path)
+
+
+def quantize_checkpoint(checkpoint: str | Path, config: WeightOnlyConfig, out: str | Path, force: bool = False,
+                        calib_data: list[str] | None = None, cache_dir: str | Path | None = None,
+                        progress: bool = True) -> dict:
+    """Checkpoint directory in, quantized checkpoint directory out; returns the report."""
+    from quant import quantize
+    from quant.calibration import calibration_tokens
+
+    out = check_output_dir(out, force)
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise FANformerError("--out must differ from the checkpoint being quantized")
+    model, tokenizer = load_float_for_quantization(checkpoint)
+    calibration = None
+    if isinstance(config, GPTQConfig):
+        if config.calib_seq_len > model.config.max_seq_len:
+            raise FANformerError(f"--calib-seq-len {config.calib_seq_len} exceeds the model's max_seq_len "
+                                 f"{model.config.max_seq_len}")
+        calibration = calibration_tokens(tokenizer, calib_data, config.calib_samples, config.calib_seq_len,
+                                         config.seed, cache_dir)
+    report = quantize(model, config, calibration, progress=progress)
+    report["checkpoint"] = str(checkpoint)
+    save_quantized(out, model, tokenizer, config, report)
+    return report

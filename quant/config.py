@@ -1,0 +1,81 @@
+"""One small validated config per quantization method (torchao style): the config's type
+picks the handler in `quant.quantize`, and the checkpoint stores it as
+`quantization_config` in config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fanformer.errors import FANformerError
+from quant.packing import BITS
+
+GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """What every weight-only integer method shares: the grid and which layers it covers.
+
+    keep: fnmatch patterns of module names left in float (e.g. "blocks.*.attn.fan.proj").
+    lm_head: quantize the LM head too (never when it is tied to the embedding).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    keep: tuple[str, ...] = ()
+    lm_head: bool = False
+
+    method = ""  # quant_method in the checkpoint
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", tuple(self.keep))
+        problems = list(self._problems())
+        if problems:
+            raise FANformerError(f"invalid {self.method} config: " + "; ".join(problems))
+
+    def _problems(self):
+        if self.bits not in BITS:
+            yield f"bits must be one of {', '.join(map(str, BITS))}, got {self.bits}"
+        if self.group_size not in GROUP_SIZES:
+            yield (f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (-1 = per channel), "
+                   f"got {self.group_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RTNConfig(WeightOnlyConfig):
+    """Round-to-nearest on the GPTQ grid: the baseline, no calibration data."""
+
+    method = "rtn"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(WeightOnlyConfig):
+    """GPTQ (Frantar et al. 2022). percdamp and blocksize are the paper's 1% and 128."""
+
+    act_order: bool = False
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    percdamp: float = 0.01
+    blocksize: int = 128
+    seed: int = 0
+    batch_size: int = 8  # calibration sequences per forward pass (memory, not results)
+
+    method = "gptq"
+
+    def _problems(self):
+        yield from super()._problems()
+        for name in ("calib_samples", "calib_seq_len", "blocksize", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                yield f"{name} must be a positive integer, got {value!r}"
+        if not 0 < self.percdamp < 1:
+            yield f"percdamp must be in (0, 1), got {self.percdamp}"
+
+
+CONFIGS = {cls.method: cls for cls in (RTNConfig, GPTQConfig)}

@@ -1,0 +1,82 @@
+"""`QuantLinear`: a linear layer whose weight stays packed in the GPTQ layout in memory,
+and the thin module-swapping layer that puts it in place of `nn.Linear`."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.grid import QuantizedWeight
+from quant.packing import dequantize_packed, pack
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held as qweight/qzeros/scales/g_idx buffers (`quant.packing`).
+
+    The forward unpacks and dequantizes the weight on every call (vectorised shifts, no
+    cached float copy), so memory holds bits/16 of an fp16 weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        groups = 1 if group_size == -1 else in_features // group_size
+        int32 = dict(dtype=torch.int32, device=device)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, **int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, **int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, **int32))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, bits: int, bias: torch.Tensor | None) -> "QuantLinear":
+        out_features, in_features = weight.codes.shape
+        layer = cls(in_features, out_features, bits, weight.group_size, bias is not None)
+        for key, tensor in pack(weight.codes, weight.scales, weight.zeros, weight.g_idx, bits).items():
+            setattr(layer, key, tensor)
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W (out, in) in fp32."""
+        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def target_linears(model: nn.Module, keep: tuple[str, ...] = (), lm_head: bool = False) -> dict[str, nn.Linear]:
+    """The nn.Linear modules to quantize, by name: every linear in every block (FAN
+    projection, q/k/v/o, gate/up/down, each CoLA factor on its own), and the LM head's
+    linears when asked and not tied to the embedding; minus names matching a keep pattern."""
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        in_blocks = name.startswith("blocks.")
+        head = name.startswith("lm_head") and lm_head and not getattr(model.config, "tie_embeddings", False)
+        if (in_blocks or head) and not any(fnmatch.fnmatchcase(name, pattern) for pattern in keep):
+            found[name] = module
+    return found
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def swap_in(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Module:
+    """Replace the named nn.Linear modules of `model` by their QuantLinear."""
+    for name, layer in layers.items():
+        set_module(model, name, layer)
+    return model

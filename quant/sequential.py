@@ -1,0 +1,67 @@
+"""GPTQ over a whole FANformer, block after block, as in the paper (Section 4, and the
+reference code's `llama_sequential`): the calibration batch is embedded once; each
+block's linears get their Hessians from that block's inputs (forward hooks on every
+linear), are quantized, and the block is run again with its quantized weights to give
+the next block's inputs, so every block is calibrated on what the quantized model before
+it really produces. The LM head, when quantized, is the last stage (after the final norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from fanformer.errors import FANformerError
+from fanformer.model import rope_cos_sin
+from quant.config import GPTQConfig
+from quant.gptq import Hessian, gptq_quantize
+from quant.grid import QuantizedWeight
+
+
+def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQConfig, calibration: torch.Tensor,
+                    stages: list[tuple[str, list[str]]], progress: bool) -> dict[str, QuantizedWeight]:
+    if calibration.dim() != 2 or calibration.numel() == 0:
+        raise FANformerError(f"calibration must be (samples, seq_len) token ids, got shape {tuple(calibration.shape)}")
+    seq_len = calibration.shape[1]
+    if seq_len > model.config.max_seq_len:
+        raise FANformerError(f"calibration windows of {seq_len} tokens exceed the model's max_seq_len "
+                             f"{model.config.max_seq_len}; lower --calib-seq-len")
+    device = model.embed.weight.device
+    ids = calibration.to(device)
+    positions = torch.arange(seq_len, device=device)[None]
+    cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)  # (1, 1, T, hs)
+
+    def run_stage(prefix: str, x: torch.Tensor) -> torch.Tensor:
+        if prefix == "lm_head":
+            return model.lm_head(model.norm(x))
+        return model.blocks[int(prefix.split(".")[1])](x, cos, sin, None)
+
+    xs = [model.embed(batch) for batch in ids.split(config.batch_size)]  # block 0's inputs
+    results = {}
+    bar = tqdm(total=len(stages), desc="gptq", unit="block", disable=not progress)
+    for prefix, names in stages:
+        bar.set_postfix_str(prefix.rstrip("."))
+        hessians = {name: Hessian(layers[name].in_features, device=device) for name in names}
+        hooks = [layers[name].register_forward_hook(
+            lambda module, inputs, output, h=hessians[name]: h.add_batch(inputs[0].detach()))
+            for name in names]
+        try:
+            for x in xs:
+                run_stage(prefix, x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name in names:
+            layer = layers[name]
+            result = gptq_quantize(layer.weight.data, hessians[name].H, config.bits, config.group_size, config.sym,
+                                   act_order=config.act_order, percdamp=config.percdamp,
+                                   blocksize=config.blocksize, name=name)
+            layer.weight.data.copy_(result.dequantize().to(layer.weight.dtype))
+            results[name] = result
+            del hessians[name]
+        if prefix != "lm_head":
+            xs = [run_stage(prefix, x) for x in xs]  # the quantized block's outputs feed the next
+        bar.update()
+    bar.close()
+    return results
