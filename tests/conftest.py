@@ -48,3 +48,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli_fails(capsys):
+    """Run the CLI in-process and check it failed as a user's mistake should: exit 2,
+    exactly one `fanformer CMD: error:` line naming every fragment, no traceback."""
+    from fanformer.cli import main
+
+    def check(argv, *fragments) -> str:
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith(f"fanformer {argv[0]}: error: "), err
+        for fragment in fragments:
+            assert fragment in errors[0], errors[0]
+        return errors[0]
+
+    return check

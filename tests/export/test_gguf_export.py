@@ -372,20 +372,11 @@ def test_gguf_dump_reads_every_file_written(exports, llama_export):
         assert "tensor(s)" in result.stdout
 
 
-def cli_fails(capsys, argv, *fragments) -> None:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("fanformer export: error: "), err
-    assert all(f in errors[0] for f in fragments), errors[0]
-
-
 def leftovers(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.tmp-*"))
 
 
-def test_cli_default_output_and_existing_output_needs_force(capsys, checkpoint, exports):
+def test_cli_default_output_and_existing_output_needs_force(capsys, checkpoint, exports, cli_fails):
     out = default_output(checkpoint, "gguf", type="q8_0")
     assert out == checkpoint.with_name("ckpt-q8_0.gguf")
     assert default_output(checkpoint, "gguf", type="q8_0", arch="llama").name == "ckpt-llama-q8_0.gguf"
@@ -393,7 +384,7 @@ def test_cli_default_output_and_existing_output_needs_force(capsys, checkpoint, 
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     assert out.read_bytes() == exports["q8_0"].read_bytes()  # deterministic, and the CLI is the library
     out.write_bytes(b"mine")
-    cli_fails(capsys, ["export", checkpoint, "--format", "gguf", "--type", "q8_0"], "already exists", "--force")
+    cli_fails(["export", checkpoint, "--format", "gguf", "--type", "q8_0"], "already exists", "--force")
     assert out.read_bytes() == b"mine"
     assert main(["export", str(checkpoint), "--format", "gguf", "--type", "q8_0", "--force"]) == 0
     assert out.read_bytes() == exports["q8_0"].read_bytes()
@@ -401,14 +392,14 @@ def test_cli_default_output_and_existing_output_needs_force(capsys, checkpoint, 
     assert leftovers(checkpoint.parent) == []
 
 
-def test_cli_options_belong_to_their_format(capsys, checkpoint, tmp_path):
-    cli_fails(capsys, ["export", checkpoint, "--format", "gguf", "--dtype", "fp16", "--out", tmp_path / "a.gguf"],
+def test_cli_options_belong_to_their_format(capsys, checkpoint, tmp_path, cli_fails):
+    cli_fails(["export", checkpoint, "--format", "gguf", "--dtype", "fp16", "--out", tmp_path / "a.gguf"],
               "--dtype", "--format onnx")
-    cli_fails(capsys, ["export", checkpoint, "--format", "gguf", "--quantize", "int4", "--block-size", "32",
+    cli_fails(["export", checkpoint, "--format", "gguf", "--quantize", "int4", "--block-size", "32",
                        "--out", tmp_path / "a.gguf"], "--quantize, --block-size", "--format onnx")
-    cli_fails(capsys, ["export", checkpoint, "--format", "onnx", "--type", "q8_0", "--out", tmp_path / "o"],
+    cli_fails(["export", checkpoint, "--format", "onnx", "--type", "q8_0", "--out", tmp_path / "o"],
               "--type", "--format gguf")
-    cli_fails(capsys, ["export", checkpoint, "--format", "gguf", "--arch", "llama", "--out", tmp_path / "a.gguf"],
+    cli_fails(["export", checkpoint, "--format", "gguf", "--arch", "llama", "--out", tmp_path / "a.gguf"],
               "cannot be exported as a llama model", "p = 0.15")
     with pytest.raises(FANformerError, match="q3_k"):
         export_gguf(checkpoint, tmp_path / "a.gguf", type="q3_k")

@@ -258,25 +258,13 @@ def test_readme_snippets_generate_pytorch_greedy_tokens(first, capsys):
 
 # --- Mistakes a user can make ----------------------------------------------------------------
 
-def fails(capsys, argv, *fragments) -> str:
-    """In-process CLI: exit 2, exactly one `fanformer CMD: error:` line, no traceback."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith(f"fanformer {argv[0]}: error: "), err
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
 
 def leftovers(parent: Path, name: str) -> list[Path]:
     return sorted(parent.glob(f".{name}.tmp-*")) + sorted(parent.glob(f".{name}.old-*"))
 
 
-def test_export_of_a_missing_checkpoint(capsys, tmp_path):
-    fails(capsys, ["export", tmp_path / "nope", "--format", "onnx", "--out", tmp_path / "out"], "does not exist")
+def test_export_of_a_missing_checkpoint(tmp_path, cli_fails):
+    cli_fails(["export", tmp_path / "nope", "--format", "onnx", "--out", tmp_path / "out"], "does not exist")
     assert sorted(tmp_path.iterdir()) == []
 
 
@@ -293,23 +281,23 @@ def test_unsupported_dtype(capsys, first, tmp_path):
     assert sorted(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_force_and_is_left_untouched(capsys, first, tmp_path):
+def test_existing_output_needs_force_and_is_left_untouched(first, tmp_path, cli_fails):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    fails(capsys, ["export", first.checkpoint, "--format", "onnx", "--out", out], "already holds", "--force")
+    cli_fails(["export", first.checkpoint, "--format", "onnx", "--out", out], "already holds", "--force")
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     assert leftovers(tmp_path, "out") == []
 
 
-def test_failed_export_leaves_nothing_behind(capsys, monkeypatch, first, tmp_path):
+def test_failed_export_leaves_nothing_behind(monkeypatch, first, tmp_path, cli_fails):
     def failing_validation(checkpoint, folder, kind):
         assert (folder / names.MODEL_FILE).is_file()  # the graph was written, then rejected
         raise FANformerError("ONNX validation failed: simulated")
 
     monkeypatch.setattr(onnx_export, "validate", failing_validation)
     out = tmp_path / "out"
-    fails(capsys, ["export", first.checkpoint, "--format", "onnx", "--out", out], "validation failed")
+    cli_fails(["export", first.checkpoint, "--format", "onnx", "--out", out], "validation failed")
     assert not out.exists() and leftovers(tmp_path, "out") == []
     assert sorted(tmp_path.iterdir()) == []
 
@@ -321,14 +309,14 @@ def damaged(first, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupted_model_file(capsys, damaged, damage):
+def test_corrupted_model_file(damaged, damage, cli_fails):
     model_file = damaged / names.MODEL_FILE
     data = model_file.read_bytes()
     model_file.write_bytes(b"\x07garbage\xff" * 200 if damage == "garbage" else data[: len(data) // 2])
     with pytest.raises(FANformerError, match="corrupted or not a FANformer export"):
         load_backend(damaged)
-    fails(capsys, ["eval", damaged, "--device", "cpu", "--quiet"], "onnxruntime cannot load")
-    fails(capsys, ["generate", damaged, "--device", "cpu", "--prompt", "def "], "onnxruntime cannot load")
+    cli_fails(["eval", damaged, "--device", "cpu", "--quiet"], "onnxruntime cannot load")
+    cli_fails(["generate", damaged, "--device", "cpu", "--prompt", "def "], "onnxruntime cannot load")
 
 
 def trivial_onnx(path: Path) -> None:
@@ -342,11 +330,11 @@ def trivial_onnx(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def test_valid_onnx_that_is_not_a_fanformer_export(capsys, damaged, tmp_path):
+def test_valid_onnx_that_is_not_a_fanformer_export(damaged, tmp_path, cli_fails):
     trivial_onnx(damaged / names.MODEL_FILE)  # beside a real config and tokenizer
     with pytest.raises(FANformerError, match="not a FANformer export"):
         load_backend(damaged)
-    fails(capsys, ["generate", damaged, "--device", "cpu", "--prompt", "def "], "not a FANformer export")
+    cli_fails(["generate", damaged, "--device", "cpu", "--prompt", "def "], "not a FANformer export")
 
     (tmp_path / "alone").mkdir()
     trivial_onnx(tmp_path / "alone" / "identity.onnx")  # a bare .onnx file
@@ -354,8 +342,8 @@ def test_valid_onnx_that_is_not_a_fanformer_export(capsys, damaged, tmp_path):
         load_backend(tmp_path / "alone" / "identity.onnx")
 
 
-def test_fp16_on_an_fp32_export_is_refused(capsys, first):
-    fails(capsys, ["generate", first.folder, "--dtype", "fp16", "--device", "cpu", "--prompt", "def "],
+def test_fp16_on_an_fp32_export_is_refused(first, cli_fails):
+    cli_fails(["generate", first.folder, "--dtype", "fp16", "--device", "cpu", "--prompt", "def "],
           "exported in fp32", "--dtype fp16")
     with pytest.raises(FANformerError, match="exported in fp32"):
         load_backend(first.folder, dtype="fp16")

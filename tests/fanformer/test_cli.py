@@ -44,19 +44,6 @@ def ckpt(trained, tmp_path) -> Path:
     return Path(shutil.copytree(trained, tmp_path / "ckpt"))
 
 
-def fails(capsys, argv, *fragments) -> str:
-    """Run the CLI in-process; it must exit 2 with exactly one error line, no traceback."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith(f"fanformer {argv[0]}: error: "), err
-    for fragment in fragments:
-        assert fragment in errors[0]
-    return errors[0]
-
-
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
@@ -67,42 +54,42 @@ def leftovers(parent: Path, name: str) -> list[Path]:
 
 # --- Bad data -------------------------------------------------------------------
 
-def test_missing_data_path(capsys, tmp_path):
+def test_missing_data_path(tmp_path, cli_fails):
     out = tmp_path / "run"
-    fails(capsys, train_args(tmp_path / "nope", out), "does not exist")
+    cli_fails(train_args(tmp_path / "nope", out), "does not exist")
     assert not out.exists() and not leftovers(tmp_path, "run")
 
 
-def test_empty_data_folder(capsys, tmp_path):
+def test_empty_data_folder(tmp_path, cli_fails):
     (tmp_path / "empty").mkdir()
-    fails(capsys, train_args(tmp_path / "empty", tmp_path / "run"), "has no")
+    cli_fails(train_args(tmp_path / "empty", tmp_path / "run"), "has no")
     assert not (tmp_path / "run").exists()
 
 
-def test_glob_matching_nothing(capsys, tmp_path):
-    fails(capsys, train_args(tmp_path / "*.nothing", tmp_path / "run"), "matches nothing")
+def test_glob_matching_nothing(tmp_path, cli_fails):
+    cli_fails(train_args(tmp_path / "*.nothing", tmp_path / "run"), "matches nothing")
     assert not (tmp_path / "run").exists()
 
 
-def test_corpus_too_small_leaves_no_output(capsys, tmp_path):
+def test_corpus_too_small_leaves_no_output(tmp_path, cli_fails):
     """Fails only once training starts (the train split is shorter than one window):
     the --out folder must still not be created."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.py").write_text("def f():\n    return 1\n")
     out = tmp_path / "run"
-    fails(capsys, train_args(tmp_path / "data", out), "fewer than one window")
+    cli_fails(train_args(tmp_path / "data", out), "fewer than one window")
     assert not out.exists() and not leftovers(tmp_path, "run")
 
 
 # --- Bad presets and config values ---------------------------------------------------
 
-def test_unknown_preset_train(capsys, corpus, tmp_path):
-    fails(capsys, train_args(corpus, tmp_path / "run", "--preset", "huge"), "huge", "tiny")
+def test_unknown_preset_train(corpus, tmp_path, cli_fails):
+    cli_fails(train_args(corpus, tmp_path / "run", "--preset", "huge"), "huge", "tiny")
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_preset_info(capsys):
-    fails(capsys, ["info", "--preset", "huge"], "huge", "tiny")
+def test_unknown_preset_info(cli_fails):
+    cli_fails(["info", "--preset", "huge"], "huge", "tiny")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -112,12 +99,12 @@ def test_unknown_preset_info(capsys):
     (["--norm", "foo"], "norm must be one of"),
 ])
 @pytest.mark.parametrize("command", ["train", "info"])
-def test_invalid_config_values(capsys, corpus, tmp_path, command, flags, message):
+def test_invalid_config_values(corpus, tmp_path, command, flags, message, cli_fails):
     if command == "train":
         argv = train_args(corpus, tmp_path / "run", *flags)
     else:
         argv = ["info", "--preset", "tiny", *flags]
-    fails(capsys, argv, "invalid model config", message)
+    cli_fails(argv, "invalid model config", message)
     assert not (tmp_path / "run").exists()
 
 
@@ -135,22 +122,22 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("name, damage", [
     (WEIGHTS_FILE, garbage), (WEIGHTS_FILE, truncate), (TRAINING_STATE_FILE, truncate),
 ])
-def test_damaged_checkpoint(capsys, ckpt, name, damage):
+def test_damaged_checkpoint(ckpt, name, damage, cli_fails):
     damage(ckpt / name)
     if name == WEIGHTS_FILE:
         with pytest.raises(FANformerError, match="corrupted or truncated"):
             load_model(ckpt)
     before = snapshot(ckpt)
-    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet"], "corrupted or truncated", name)
+    cli_fails(["train", "--resume", "--out", ckpt, "--quiet"], "corrupted or truncated", name)
     assert snapshot(ckpt) == before
 
 
-def test_checkpoint_missing_config(capsys, ckpt):
+def test_checkpoint_missing_config(ckpt, cli_fails):
     (ckpt / CONFIG_FILE).unlink()
     with pytest.raises(FANformerError, match="missing config.json"):
         load_model(ckpt)
-    fails(capsys, ["info", ckpt], "missing config.json")
-    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet"], "missing config.json")
+    cli_fails(["info", ckpt], "missing config.json")
+    cli_fails(["train", "--resume", "--out", ckpt, "--quiet"], "missing config.json")
 
 
 def test_info_reads_a_good_checkpoint(capsys, ckpt):
@@ -161,9 +148,9 @@ def test_info_reads_a_good_checkpoint(capsys, ckpt):
 
 # --- Output directory and resume ------------------------------------------------
 
-def test_existing_checkpoint_needs_force(capsys, corpus, ckpt):
+def test_existing_checkpoint_needs_force(corpus, ckpt, cli_fails):
     before = snapshot(ckpt)
-    fails(capsys, train_args(corpus, ckpt, "--max-steps", "3"), "already holds a checkpoint", "--force")
+    cli_fails(train_args(corpus, ckpt, "--max-steps", "3"), "already holds a checkpoint", "--force")
     assert snapshot(ckpt) == before
     assert not leftovers(ckpt.parent, ckpt.name)
 
@@ -173,20 +160,20 @@ def test_existing_checkpoint_needs_force(capsys, corpus, ckpt):
     assert not leftovers(ckpt.parent, ckpt.name)
 
 
-def test_resume_without_training_state(capsys, ckpt):
+def test_resume_without_training_state(ckpt, cli_fails):
     (ckpt / TRAINING_STATE_FILE).unlink()
     (ckpt / TRAINER_STATE_FILE).unlink()
-    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet"], "no training state")
+    cli_fails(["train", "--resume", "--out", ckpt, "--quiet"], "no training state")
 
 
-def test_resume_missing_directory(capsys, tmp_path):
-    fails(capsys, ["train", "--resume", "--out", tmp_path / "never", "--quiet"], "does not exist")
+def test_resume_missing_directory(tmp_path, cli_fails):
+    cli_fails(["train", "--resume", "--out", tmp_path / "never", "--quiet"], "does not exist")
     assert not (tmp_path / "never").exists()
 
 
-def test_resume_rejects_model_flags(capsys, ckpt):
+def test_resume_rejects_model_flags(ckpt, cli_fails):
     before = snapshot(ckpt)
-    fails(capsys, ["train", "--resume", "--out", ckpt, "--quiet", "--n-layers", "3"], "--n-layers")
+    cli_fails(["train", "--resume", "--out", ckpt, "--quiet", "--n-layers", "3"], "--n-layers")
     assert snapshot(ckpt) == before
 
 
@@ -249,8 +236,8 @@ def test_generate_batch_and_interactive(capsys, monkeypatch, trained):
     (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt", "x" * 400], "shorten it"),
 ])
-def test_generate_bad_input(capsys, trained, flags, message):
-    fails(capsys, ["generate", str(trained), *flags], message)
+def test_generate_bad_input(trained, flags, message, cli_fails):
+    cli_fails(["generate", str(trained), *flags], message)
 
 
 def test_eval_json_matches_the_library(capsys, corpus, trained):
@@ -283,8 +270,8 @@ def test_eval_against_itself_as_reference(capsys, corpus, trained):
     (["eval", "{ckpt}", "--protocol", "sliding", "--stride", "1000", "--ctx", "32", "--split", "all",
       "--data", "{tmp}/one.txt"], "stride must be in"),
 ])
-def test_eval_bad_input(capsys, trained, tmp_path, argv, message):
+def test_eval_bad_input(trained, tmp_path, argv, message, cli_fails):
     (tmp_path / "garbage.bin").write_bytes(b"\x00" * 64)
     (tmp_path / "one.txt").write_text("some text " * 50)
     argv = [a.format(ckpt=trained, tmp=tmp_path) for a in argv]
-    fails(capsys, argv, message)
+    cli_fails(argv, message)

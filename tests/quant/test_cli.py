@@ -12,14 +12,6 @@ def quantize_args(trained, out, *extra) -> list[str]:
     return ["quantize", str(trained), "--out", str(out), "--quiet", *extra]
 
 
-def fails(capsys, argv, *fragments) -> None:
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fanformer quantize: error:") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.fixture(scope="module")
 def rtn_dir(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "rtn"
@@ -49,33 +41,33 @@ def test_cli_rtn(rtn_dir):
     assert (qc["quant_method"], qc["bits"], qc["sym"], qc["group_size"]) == ("rtn", 8, False, 32)
 
 
-def test_group_size_not_dividing_an_input_width(trained, tmp_path, capsys):
-    fails(capsys, quantize_args(trained, tmp_path / "q", "--method", "rtn", "--group-size", "128"),
+def test_group_size_not_dividing_an_input_width(trained, tmp_path, cli_fails):
+    cli_fails(quantize_args(trained, tmp_path / "q", "--method", "rtn", "--group-size", "128"),
           "group size 128 does not divide the input width 64")
 
 
-def test_bits_out_of_range(trained, tmp_path, capsys):
-    fails(capsys, quantize_args(trained, tmp_path / "q", "--method", "rtn", "--bits", "5"), "bits must be one of")
+def test_bits_out_of_range(trained, tmp_path, cli_fails):
+    cli_fails(quantize_args(trained, tmp_path / "q", "--method", "rtn", "--bits", "5"), "bits must be one of")
 
 
-def test_calibration_too_small(trained, corpus, tmp_path, capsys):
-    fails(capsys, quantize_args(trained, tmp_path / "q", "--method", "gptq", "--group-size", "32",
+def test_calibration_too_small(trained, corpus, tmp_path, cli_fails):
+    cli_fails(quantize_args(trained, tmp_path / "q", "--method", "gptq", "--group-size", "32",
                                 "--calib-data", str(corpus), "--calib-samples", "100000", "--calib-seq-len", "64"),
           "calibration data too small", "--calib-samples")
     assert not (tmp_path / "q").exists()
 
 
-def test_already_quantized(rtn_dir, tmp_path, capsys):
-    fails(capsys, quantize_args(rtn_dir, tmp_path / "q", "--method", "rtn", "--group-size", "32"),
+def test_already_quantized(rtn_dir, tmp_path, cli_fails):
+    cli_fails(quantize_args(rtn_dir, tmp_path / "q", "--method", "rtn", "--group-size", "32"),
           "already quantized")
 
 
-def test_output_exists_without_force(trained, rtn_dir, capsys):
-    fails(capsys, quantize_args(trained, rtn_dir, "--method", "rtn", "--group-size", "32"), "--force")
+def test_output_exists_without_force(trained, rtn_dir, cli_fails):
+    cli_fails(quantize_args(trained, rtn_dir, "--method", "rtn", "--group-size", "32"), "--force")
     assert main(quantize_args(trained, rtn_dir, "--method", "rtn", "--bits", "8", "--group-size", "32",
                               "--asym", "--force")) == 0
 
 
-def test_gptq_flags_with_rtn(trained, tmp_path, capsys):
-    fails(capsys, quantize_args(trained, tmp_path / "q", "--method", "rtn", "--act-order"),
+def test_gptq_flags_with_rtn(trained, tmp_path, cli_fails):
+    cli_fails(quantize_args(trained, tmp_path / "q", "--method", "rtn", "--act-order"),
           "--act-order only apply to --method gptq")
