@@ -27,6 +27,15 @@ gates) is F32; 2-D weights take the requested type, except that a q* type needs 
 back to F16 (the fallback llama.cpp's convert_hf_to_gguf.py and llama-quantize use;
 all five q* types share the block size 32, so no other q* type would fit). The export
 logs which tensors fell back.
+
+A quantized checkpoint (`fanformer quantize`: config.json's quantization_config, GPTQ
+packed tensors) is carried over without quantizing again (export/gguf_carry.py): 4-bit
+layers as Q4_0 (sym) or Q4_1 (asym), 8-bit ones as Q8_0, built from the checkpoint's
+integers and scales when each block of 32 input columns lies in one group (any group
+size that is a multiple of 32, or per channel), else re-quantized by gguf.quants with the
+re-blocking error logged. `type` then applies to the tensors the checkpoint keeps in
+float (embeddings, a float LM head, kept layers), and general.file_type names the
+carried type (MOSTLY_Q4_0, MOSTLY_Q4_1 or MOSTLY_Q8_0).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, G
 from gguf import quants
 
 from export import gguf_format as names
-from fanformer.checkpoint import load_model, model_state_dict
+from fanformer.checkpoint import load_model, model_state_dict, read_quantization_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
@@ -51,6 +60,7 @@ from fanformer.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_id
 log = logging.getLogger(__name__)
 
 ARCHS = (names.ARCH, names.LLAMA_ARCH)
+QUANT_SIDE_TENSORS = (".qzeros", ".scales", ".g_idx")  # a quantized layer's other GPTQ tensors
 PAD_TOKEN = "[PAD{}]"  # rows of the embedding beyond the tokenizer, named as llama.cpp's converter does
 
 
@@ -190,7 +200,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     if arch not in ARCHS:
         raise FANformerError(f"unsupported GGUF architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     check_output_file(out, force)
-    model = load_model(checkpoint)
+    qconfig = read_quantization_config(checkpoint)
+    if qconfig is None:
+        model = load_model(checkpoint)
+    else:
+        from quant.checkpoint import load_quantized_model
+        model = load_quantized_model(checkpoint)
     config = model.config
     if arch == names.LLAMA_ARCH and (blockers := llama_blockers(config)):
         raise FANformerError(f"{checkpoint} cannot be exported as a llama model: {'; '.join(blockers)}; "
@@ -199,6 +214,11 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     special = special_token_ids(tokenizer)
     tokens, token_types, merges = vocabulary(tokenizer, config.vocab_size)
     weight_type, file_type = names.WEIGHT_TYPES[type]
+    carried_type = None
+    if qconfig is not None:
+        from export import gguf_carry
+        carried_type = gguf_carry.target_type(qconfig["bits"], bool(qconfig.get("sym", True)))
+        file_type = gguf_carry.FILE_TYPES[carried_type]
 
     def write(tmp: Path) -> None:
         log.info("exporting %s to GGUF (%s, %s)", checkpoint, arch, type)
@@ -231,7 +251,21 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
         writer.add_bool(names.TOKENIZER_ADD_EOS, False)
 
         fell_back = []
+        carried = {}
         for key, tensor in model_state_dict(model).items():  # the tied LM head is left out
+            if key.endswith(QUANT_SIDE_TENSORS):
+                continue  # written with the layer's .qweight
+            if key.endswith(".qweight"):
+                key = key[: -len(".qweight")] + ".weight"
+                result = gguf_carry.carry_layer(model.get_submodule(key.rsplit(".", 1)[0]), carried_type)
+                carried[names.gguf_tensor_name(key)] = result
+                array = result.data  # rows are output channels, so the llama permutation applies as is
+                if arch == names.LLAMA_ARCH and key.endswith("attn.q_proj.weight"):
+                    array = llama_permute(array, config.n_heads)
+                elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
+                    array = llama_permute(array, config.n_kv_heads)
+                writer.add_tensor(names.gguf_tensor_name(key), np.ascontiguousarray(array), raw_dtype=result.qtype)
+                continue
             array = tensor.to(torch.float32).numpy()
             if arch == names.LLAMA_ARCH and key.endswith("attn.q_proj.weight"):
                 array = llama_permute(array, config.n_heads)
@@ -246,5 +280,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
             block_size, _ = GGML_QUANT_SIZES[weight_type]
             log.warning("%d tensor(s) stored as %s instead of %s (row length not a multiple of %d): %s",
                         len(fell_back), names.FALLBACK_TYPE.name.lower(), type, block_size, ", ".join(fell_back))
+        if qconfig is not None:
+            gguf_carry.log_report(carried, qconfig)
 
     return write_file_atomically(out, write)

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from export import onnx_format as names
-from export import onnx_quant
+from export import onnx_carry, onnx_quant
 from fanformer.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, check_output_dir, load_model,
-                                  write_directory_atomically)
+                                  read_quantization_config, write_directory_atomically)
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, special_token_ids
@@ -47,6 +47,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # next-token argmax, which validation reports (on the d=128 model: 79% on validation's
 # random tokens, 83% on held-out text, against 96% for int8 and 99% for int8-wo).
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 0.6, "int8-wo": 0.5, "int4": 5.0}
+# A quantized checkpoint's export (export/onnx_carry.py) is validated against the PyTorch
+# backend on that same quantized checkpoint: the same integers, so only float rounding differs.
+TOLERANCE["carried"] = 1e-3
 
 
 class _ExportCache:
@@ -201,8 +204,27 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
     if dtype not in DTYPES:
         raise FANformerError(f"unsupported ONNX dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     onnx_quant.check_options(quantize, dtype, block_size)
+    qconfig = read_quantization_config(checkpoint)
+    carried = {}
+    if qconfig is not None:
+        # A quantized checkpoint: its integers go into MatMulNBits as they are (export/onnx_carry.py).
+        if quantize is not None:
+            raise FANformerError(f"{checkpoint} is already quantized ({qconfig.get('quant_method')} "
+                                 f"{qconfig.get('bits')}-bit); its integers are exported as they are, so "
+                                 "--quantize does not apply (export its float checkpoint to requantize)")
+        if dtype != "fp32":
+            raise FANformerError("a quantized checkpoint exports with --dtype fp32 only (float activations, "
+                                 "MatMulNBits weights)")
+        onnx_carry.check_carry(qconfig)
     check_output_dir(out, force)
-    model = load_model(checkpoint)
+    if qconfig is not None:
+        from quant.checkpoint import load_quantized_model
+
+        model, carried = onnx_carry.dequantized_model(load_quantized_model(checkpoint))
+        for layer in carried.values():  # refuse before exporting anything
+            onnx_carry.layer_integers(layer)
+    else:
+        model = load_model(checkpoint)
     from fanformer.tokenizer import load_tokenizer
 
     special = special_token_ids(load_tokenizer(checkpoint))
@@ -215,12 +237,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
         if quantize:
             log.info("quantizing to %s", quantize)
             onnx_quant.quantize_onnx(tmp, quantize, block_size)
+        if carried:
+            if (tmp / names.DATA_FILE).is_file():
+                raise FANformerError("carrying a quantized checkpoint into ONNX supports models under 2 GB only")
+            count = onnx_carry.carry_into(tmp / names.MODEL_FILE, carried)
+            log.info("carried %d quantized layers into %d MatMulNBits nodes (%d-bit)", len(carried), count,
+                     qconfig["bits"])
         for name in (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
                      SPECIAL_TOKENS_MAP_FILE):
             if (checkpoint / name).is_file():
                 shutil.copy(checkpoint / name, tmp / name)
         (tmp / names.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, special, generation), indent=2))
         if validate_output:
-            validate(checkpoint, tmp, quantize or dtype)
+            validate(checkpoint, tmp, "carried" if qconfig is not None else quantize or dtype)
 
     return write_directory_atomically(out, write)
