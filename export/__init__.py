@@ -25,18 +25,30 @@ EXPORTERS = {"onnx": _onnx, "gguf": _gguf}
 
 def default_output(checkpoint: str | Path, format: str, **options) -> Path:
     """Beside the checkpoint: the file `<checkpoint>[-llama]-<type>.gguf` for GGUF (`-llama`
-    for --arch llama only), else the folder `<checkpoint>-<format>[-<dtype>][-<quantize>][-bs<block size>]`."""
+    for --arch llama only; a quantized checkpoint's type is the one it is carried into), else the folder `<checkpoint>-<format>[-<dtype>][-<quantize>][-bs<block size>]`."""
     checkpoint = Path(checkpoint)
     if format == "gguf":
         from export import gguf_format
 
         parts = [checkpoint.name] + (["llama"] if options.get("arch") == gguf_format.LLAMA_ARCH else [])
-        parts.append(options.get("type") or gguf_format.DEFAULT_WEIGHT_TYPE)
+        parts.append(options.get("type") or carried_type_name(checkpoint) or gguf_format.DEFAULT_WEIGHT_TYPE)
         return checkpoint.with_name("-".join(parts) + gguf_format.FILE_SUFFIX)
     parts = [format] + [str(options[k]) for k in ("dtype", "quantize") if options.get(k) not in (None, "fp32")]
     if options.get("block_size") is not None:
         parts.append(f"bs{options['block_size']}")
     return checkpoint.with_name(f"{checkpoint.name}-{'-'.join(parts)}")
+
+
+def carried_type_name(checkpoint: Path) -> str | None:
+    """The GGUF type a quantized checkpoint is carried into ("q4_0", ...), None for a float one."""
+    from fanformer.checkpoint import read_quantization_config
+
+    quantization = read_quantization_config(checkpoint)
+    if quantization is None:
+        return None
+    from export.gguf_carry import target_type
+
+    return target_type(quantization["bits"], quantization["sym"]).name.lower()
 
 
 def export(checkpoint: str | Path, format: str, out: str | Path | None = None, **options) -> Path:

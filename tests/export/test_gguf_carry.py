@@ -166,3 +166,11 @@ def test_llama_arch_permutes_carried_rows(tmp_path):
             w_gguf = llama_unpermute(torch.from_numpy(w_gguf), heads).numpy()
         np.testing.assert_array_equal(w_gguf, w_quant, err_msg=name)
     assert load_backend(path) is not None
+
+
+@pytest.mark.parametrize("bits, sym, name", [(4, True, "q4_0"), (4, False, "q4_1"), (8, True, "q8_0")])
+def test_default_file_name_says_the_carried_type(trained, tmp_path, bits, sym, name):
+    from export import default_output
+
+    qdir, _ = quantized_dir(trained, tmp_path, RTNConfig(bits=bits, group_size=32, sym=sym))
+    assert default_output(qdir, "gguf") == qdir.with_name(f"{qdir.name}-{name}.gguf")
