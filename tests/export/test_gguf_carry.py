@@ -28,20 +28,9 @@ Q = GGMLQuantizationType
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(model, tokenizer, ids): the tiny config trained a few steps, so logits are peaked."""
-    tokenizer = train_tokenizer(TEXTS, 400)
-    torch.manual_seed(0)
-    model = FANformer(FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
-    ids = torch.tensor(tokenizer.encode("".join(TEXTS[:8])).ids[:65])[None]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return model, tokenizer, ids
+def trained(overfit_tiny):
+    """(model, tokenizer, ids): the shared overfit tiny model (tests/export/conftest.py)."""
+    return overfit_tiny
 
 
 def quantized_dir(trained, tmp_path, config, calibration=None):

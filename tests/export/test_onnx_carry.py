@@ -9,42 +9,24 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
 from export.onnx_export import compare_logits, export_onnx
-from fanformer.checkpoint import save_checkpoint
-from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
-from fanformer.model import FANformer
-from fanformer.tokenizer import train_tokenizer
 from quant.checkpoint import load_quantized_model, quantize_checkpoint
 from quant.config import RTNConfig
 from quant.linear import QuantLinear
 from runtime import load_backend, reference_greedy
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 CONFIGS = {"4-sym": RTNConfig(bits=4, group_size=32, sym=True),
            "4-asym": RTNConfig(bits=4, group_size=32, sym=False),
            "8-asym": RTNConfig(bits=8, group_size=32, sym=False)}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tokenizer = train_tokenizer(TEXTS, 400)
-    torch.manual_seed(0)
-    model = FANformer(FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
-    ids = torch.tensor(tokenizer.encode("".join(TEXTS[:8])).ids[:65])[None]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):  # peaked next-token distributions, as a real model has
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = tmp_path_factory.mktemp("carry") / "ckpt"
-    save_checkpoint(path, model.eval(), tokenizer)
-    return path
+def checkpoint(overfit_checkpoint):
+    return overfit_checkpoint
 
 
 @pytest.fixture(scope="module")

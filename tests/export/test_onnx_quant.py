@@ -8,18 +8,13 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from export import default_output
 from export.onnx_export import TOLERANCE, compare_logits, export_onnx
 from export.onnx_quant import quantize_onnx
-from fanformer.checkpoint import save_checkpoint
 from fanformer.cli import main
-from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
-from fanformer.model import FANformer
-from fanformer.tokenizer import train_tokenizer
 from runtime import drift, load_backend, reference_greedy
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
@@ -29,23 +24,8 @@ KINDS = {"fp32": ("fp32", None), "fp16": ("fp16", None), "int8": ("fp32", "int8"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tokenizer = train_tokenizer(TEXTS, 400)
-    torch.manual_seed(0)
-    model = FANformer(FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
-    # A few steps on TEXTS give peaked next-token distributions, as a real model has:
-    # random-init logits are so flat that any rounding flips their argmax.
-    ids = torch.tensor(tokenizer.encode("".join(TEXTS[:8])).ids[:65])[None]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):  # to a loss near 0.01
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    path = tmp_path_factory.mktemp("quant") / "ckpt"
-    save_checkpoint(path, model, tokenizer)
-    return path
+def checkpoint(overfit_checkpoint):
+    return overfit_checkpoint
 
 
 @pytest.fixture(scope="module")
