@@ -27,7 +27,7 @@ import torch
 from export import onnx_format as names
 from export import onnx_carry, onnx_quant
 from fanformer.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, check_output_dir, load_model,
-                                  read_quantization_config, write_directory_atomically)
+                                  load_generation_config, read_quantization_config, write_directory_atomically)
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, special_token_ids
@@ -228,8 +228,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
     from fanformer.tokenizer import load_tokenizer
 
     special = special_token_ids(load_tokenizer(checkpoint))
-    generation = json.loads((checkpoint / GENERATION_CONFIG_FILE).read_text()) \
-        if (checkpoint / GENERATION_CONFIG_FILE).is_file() else {}
+    generation = load_generation_config(checkpoint)
 
     def write(tmp: Path) -> None:
         log.info("exporting %s to ONNX (%s, opset %d)", checkpoint, dtype, names.OPSET)

@@ -152,6 +152,17 @@ def read_quantization_config(path: str | Path) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
+def load_generation_config(path: str | Path) -> dict:
+    """generation_config.json of a checkpoint or exported folder; {} when there is none."""
+    file = Path(path) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except ValueError as err:
+        raise FANformerError(f"{file} is not valid JSON ({err}); fix or delete it") from None
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))

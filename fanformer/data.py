@@ -226,15 +226,22 @@ def _token_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32)
 
 
-def cache_key(files: Sequence[Path], tokenizer: Tokenizer, val_fraction: float, test_fraction: float) -> str:
-    """sha256 over everything the cached tokens depend on (content, not mtimes)."""
+def corpus_digest(files: Sequence[Path]) -> bytes:
+    """sha256 of the corpus content (not mtimes): every file's bytes and suffix, in order."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": CACHE_VERSION, "val": val_fraction, "test": test_fraction}).encode())
-    h.update(tokenizer.to_str().encode("utf-8"))
     for path in files:
         path = Path(path)
         # The suffix decides how a file splits into documents; order decides token order.
         h.update(path.suffix.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.digest()
+
+
+def cache_key(files: Sequence[Path], tokenizer: Tokenizer, val_fraction: float, test_fraction: float) -> str:
+    """sha256 over everything the cached tokens depend on."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "val": val_fraction, "test": test_fraction}).encode())
+    h.update(tokenizer.to_str().encode("utf-8"))
+    h.update(corpus_digest(files))
     return h.hexdigest()
 
 

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from fanformer.checkpoint import check_output_dir, load_model, load_training_state
 from fanformer.config import FANformerConfig
-from fanformer.data import build_token_cache, default_cache_dir, iter_documents, resolve_files, split_of
+from fanformer.data import (build_token_cache, corpus_digest, default_cache_dir, iter_documents, resolve_files,
+                            split_of)
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
 from fanformer.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -27,10 +28,8 @@ log = logging.getLogger(__name__)
 
 def corpus_tokenizer(files: list[Path], vocab_size: int, cache_dir: Path):
     """A BPE tokenizer trained on the corpus's training documents, cached by content."""
-    h = hashlib.sha256(f"tokenizer-v1 {vocab_size}".encode())
-    for path in files:
-        h.update(path.suffix.encode() + hashlib.sha256(path.read_bytes()).digest())
-    cached = cache_dir / "tokenizers" / h.hexdigest()
+    key = hashlib.sha256(f"tokenizer-v1 {vocab_size}".encode() + corpus_digest(files)).hexdigest()
+    cached = cache_dir / "tokenizers" / key
     if (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
     log.info("training a %d-token BPE tokenizer on %d files", vocab_size, len(files))

@@ -280,8 +280,7 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
 
     def checkpoint() -> None:
         if dist_info.main:
-            log_text = "".join(json.dumps(r) + "\n" for r in metrics)
-            save_checkpoint(out, model, tokenizer, extra_files={METRICS_FILE: log_text},
+            save_checkpoint(out, model, tokenizer, extra_files={METRICS_FILE: jsonl(metrics)},
                             training_state=pack_training_state(optimizer, step, config, tokens_seen))
 
     # Records after the checkpoint we resume from belong to steps about to be redone.
@@ -289,7 +288,7 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
         # The live log restarts from what the checkpoint knows (nothing, for a new run).
-        (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        (out / METRICS_FILE).write_text(jsonl(metrics))
     t0, tokens_since = time.perf_counter(), 0
     while step < stop:
         lr = lr_at(step, config)
@@ -327,6 +326,10 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
     if dist_info.world > 1:
         dist.barrier()
     return last
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def _read_metrics(out: Path) -> list[dict]:

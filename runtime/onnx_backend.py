@@ -9,14 +9,13 @@ crosses to the host.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from export import onnx_format as names
-from fanformer.checkpoint import CONFIG_FILE
+from fanformer.checkpoint import CONFIG_FILE, load_generation_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
@@ -58,9 +57,7 @@ class OnnxBackend(Backend):
                                  "pass the folder `fanformer export` wrote (model.onnx, config.json, tokenizer.json)")
         self.config = FANformerConfig.from_file(folder)
         self.tokenizer = load_tokenizer(folder)
-        generation_file = folder / "generation_config.json"
-        if generation_file.is_file():
-            self.generation_defaults = json.loads(generation_file.read_text())
+        self.generation_defaults = load_generation_config(folder)
 
         providers = ["CPUExecutionProvider"]
         if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():

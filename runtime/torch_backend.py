@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from fanformer.checkpoint import CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, load_model, read_quantization_config
-from fanformer.errors import FANformerError
+from fanformer.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_generation_config, load_model,
+                                  read_quantization_config)
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
@@ -36,12 +36,7 @@ class TorchBackend(Backend):
         else:
             model = load_model(path)
         self._setup(model, load_tokenizer(path), str(path), dtype, device, round_weights)
-        generation_file = path / GENERATION_CONFIG_FILE
-        if generation_file.is_file():
-            try:
-                self.generation_defaults = json.loads(generation_file.read_text())
-            except ValueError as err:
-                raise FANformerError(f"{generation_file} is not valid JSON ({err}); fix or delete it") from None
+        self.generation_defaults = load_generation_config(path)
 
     @classmethod
     def from_model(cls, model: FANformer, tokenizer=None, dtype: str = "fp32", device: str = "cpu",
