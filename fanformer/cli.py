@@ -146,28 +146,65 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    """Quantize a checkpoint's linear layers (RTN or GPTQ) into a GPTQ-layout checkpoint at --out."""
-    from fanformer.checkpoint import load_config
-    from quant.checkpoint import quantize_checkpoint
-    from quant.config import CONFIGS
+BNB_METHODS = ("int8", "nf4")  # bitsandbytes: its own formats, no grid and no calibration
 
-    gptq_only = {"--act-order": args.act_order or None, "--calib-data": args.calib_data,
-                 "--calib-samples": args.calib_samples, "--calib-seq-len": args.calib_seq_len}
-    options = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, keep=tuple(args.keep or ()),
-                   lm_head=args.lm_head)
-    if args.method == "gptq":
-        max_seq_len = load_config(args.checkpoint).max_seq_len
-        options.update(act_order=args.act_order, calib_samples=args.calib_samples or 128,
-                       calib_seq_len=args.calib_seq_len or min(512, max_seq_len), seed=args.seed)
-    elif any(value is not None for value in gptq_only.values()):
-        given = [flag for flag, value in gptq_only.items() if value is not None]
-        raise FANformerError(f"{', '.join(given)} only apply to --method gptq")
-    config = CONFIGS[args.method](**options)
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Quantize a checkpoint's linear layers at --out: RTN, GPTQ or AWQ into a GPTQ-layout
+    checkpoint, or bitsandbytes int8 (LLM.int8()) / nf4."""
+    from quant.checkpoint import quantize_checkpoint
+
+    config = bnb_config(args) if args.method in BNB_METHODS else grid_config(args)
     report = quantize_checkpoint(args.checkpoint, config, args.out, force=args.force, calib_data=args.calib_data,
                                  cache_dir=args.cache_dir, progress=not args.quiet)
     print(format_quant_report(report))
     print(f"wrote {args.out}")
+
+
+def grid_config(args: argparse.Namespace):
+    """The rtn / gptq / awq config from the flags."""
+    from fanformer.checkpoint import load_config
+    from quant.config import CONFIGS
+
+    if args.double_quant:
+        raise FANformerError("--double-quant only applies to --method nf4")
+    calibrated = {"--calib-data": args.calib_data, "--calib-samples": args.calib_samples,
+                  "--calib-seq-len": args.calib_seq_len}
+    bits = 4 if args.bits is None else args.bits
+    group_size = 128 if args.group_size is None else args.group_size
+    options = dict(bits=bits, group_size=group_size, sym=args.sym is not False, keep=tuple(args.keep or ()),
+                   lm_head=args.lm_head)
+    if args.act_order and args.method != "gptq":
+        raise FANformerError("--act-order only applies to --method gptq")
+    if args.method in ("gptq", "awq"):
+        max_seq_len = load_config(args.checkpoint).max_seq_len
+        options.update(calib_samples=args.calib_samples or 128,
+                       calib_seq_len=args.calib_seq_len or min(512, max_seq_len), seed=args.seed)
+        if args.method == "gptq":
+            options.update(act_order=args.act_order)
+    elif any(value is not None for value in calibrated.values()):
+        given = [flag for flag, value in calibrated.items() if value is not None]
+        raise FANformerError(f"{', '.join(given)} only apply to --method gptq or awq")
+    return CONFIGS[args.method](**options)
+
+
+def bnb_config(args: argparse.Namespace):
+    """The int8 / nf4 config: only --keep, --lm-head (and nf4's --double-quant) apply."""
+    from quant.config import CONFIGS
+
+    grid_flags = {"--bits": args.bits, "--group-size": args.group_size, "--sym/--asym": args.sym,
+                  "--act-order": args.act_order or None, "--calib-data": args.calib_data,
+                  "--calib-samples": args.calib_samples, "--calib-seq-len": args.calib_seq_len}
+    given = [flag for flag, value in grid_flags.items() if value is not None]
+    if given:
+        raise FANformerError(f"{', '.join(given)} do not apply to --method {args.method} (bitsandbytes has no grid "
+                             "and no calibration); leave them out, or use --method rtn, gptq or awq")
+    if args.double_quant and args.method != "nf4":
+        raise FANformerError("--double-quant only applies to --method nf4")
+    options = dict(keep=tuple(args.keep or ()), lm_head=args.lm_head)
+    if args.double_quant:
+        options.update(double_quant=True)
+    return CONFIGS[args.method](**options)
 
 
 def format_quant_report(report: dict) -> str:
@@ -178,8 +215,12 @@ def format_quant_report(report: dict) -> str:
     for name, layer in layers.items():
         lines.append(f"{name:<{width}}  {'x'.join(map(str, layer['shape'])):>12}  {layer['error']:>12.4g}")
     config = report["config"]
-    lines.append(f"{report['method']} {config['bits']}-bit, group size {config['group_size']}, "
-                 f"{'sym' if config['sym'] else 'asym'}: {len(layers)} layers quantized, "
+    if "bits" in config:
+        setting = f"{config['bits']}-bit, group size {config['group_size']}, {'sym' if config['sym'] else 'asym'}"
+    else:  # bitsandbytes: its own few options
+        setting = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in config.items()
+                            if key not in ("keep", "lm_head"))
+    lines.append(f"{report['method']} {setting}: {len(layers)} layers quantized, "
                  f"{len(report['kept'])} linear(s) left in float, {report['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -340,17 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     qz = sub.add_parser("quantize", help=cmd_quantize.__doc__, description=cmd_quantize.__doc__)
     qz.add_argument("checkpoint", help="float checkpoint directory")
-    qz.add_argument("--method", required=True, choices=["rtn", "gptq"], help="rtn (round to nearest) or gptq")
-    qz.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (default 4)")
-    qz.add_argument("--group-size", type=int, default=128, help="128 (default), 64, 32, or -1 (per channel)")
+    qz.add_argument("--method", required=True, choices=["rtn", "gptq", "awq", *BNB_METHODS],
+                    help="rtn (round to nearest), gptq, awq, or bitsandbytes int8 (LLM.int8()) or nf4 (QLoRA's NF4)")
+    # Grid flags default to None so that one given to int8/nf4 is refused (grid_config fills the defaults).
+    qz.add_argument("--bits", type=int, help="8, 4, 3 or 2 (default 4)")
+    qz.add_argument("--group-size", type=int, help="128 (default), 64, 32, or -1 (per channel)")
     sym = qz.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (min-max with zero point)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", default=None,
+                     help="asymmetric grid (min-max with zero point)")
+    qz.add_argument("--double-quant", action="store_true",
+                    help="nf4: store the block absmaxes in 8 bits too (QLoRA's double quantization)")
     qz.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
-    qz.add_argument("--calib-data", nargs="+", help="gptq: corpus files/folders/globs whose TRAINING split "
+    qz.add_argument("--calib-data", nargs="+", help="gptq/awq: corpus files/folders/globs whose TRAINING split "
                     "calibrates (default: the Python standard library)")
-    qz.add_argument("--calib-samples", type=int, help="gptq: calibration windows (default 128)")
-    qz.add_argument("--calib-seq-len", type=int, help="gptq: tokens per window (default min(512, max_seq_len))")
+    qz.add_argument("--calib-samples", type=int, help="gptq/awq: calibration windows (default 128)")
+    qz.add_argument("--calib-seq-len", type=int, help="gptq/awq: tokens per window (default min(512, max_seq_len))")
     qz.add_argument("--keep", action="append", metavar="PATTERN",
                     help="leave matching layers in float, e.g. 'blocks.*.attn.fan.proj' (repeatable)")
     qz.add_argument("--lm-head", action="store_true", help="quantize the LM head too (not when tied)")

@@ -8,7 +8,8 @@ Each method is a handler registered for its config type; it returns, per layer n
 `QuantizedWeight` on the shared grid (`quant.grid`), and this module swaps the layers
 for packed `QuantLinear`s (`quant.linear`). The math lives in pure functions:
 `quant.rtn.rtn_quantize`, `quant.gptq.gptq_quantize`. A new method (AWQ, ...) is one
-config class, one module with its math, and one registered handler.
+config class, one module with its math, and one registered handler. bitsandbytes' int8
+and nf4 (`quant.bnb`) run as bnb's own modules: their handler swaps them in itself.
 """
 
 from __future__ import annotations
@@ -21,27 +22,32 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from fanformer.errors import FANformerError
-from quant.config import CONFIGS, GPTQConfig, RTNConfig, WeightOnlyConfig
+from quant.bnb import BnbConfig, BnbInt8Config, BnbNF4Config, LayerError, bnb_quantize, is_bnb_linear
+from quant.config import CONFIGS, AWQConfig, GPTQConfig, RTNConfig, WeightOnlyConfig
 from quant.grid import QuantizedWeight
 from quant.linear import QuantLinear, swap_in, target_linears
 
 Handler = Callable[[nn.Module, dict[str, nn.Linear], WeightOnlyConfig, "torch.Tensor | None", bool],
                    dict[str, QuantizedWeight]]
 HANDLERS: dict[type, Handler] = {}
+SWAPPING: set[type] = set()  # config types whose handler puts its own modules in place (bitsandbytes)
 
 
-def register(config_type: type):
-    """Decorator: the handler that quantizes a model for configs of `config_type`."""
+def register(config_type: type, swaps: bool = False):
+    """Decorator: the handler that quantizes a model for configs of `config_type`. With
+    `swaps`, the handler replaces the layers itself and returns per layer only the error."""
 
     def wrap(handler: Handler) -> Handler:
         HANDLERS[config_type] = handler
+        if swaps:
+            SWAPPING.add(config_type)
         return handler
 
     return wrap
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) for m in model.modules())
+    return any(isinstance(m, QuantLinear) or is_bnb_linear(m) for m in model.modules())
 
 
 def check_layers(layers: dict[str, nn.Linear], config: WeightOnlyConfig) -> None:
@@ -72,20 +78,26 @@ def quantize(model: nn.Module, config: WeightOnlyConfig, calibration: torch.Tens
     layers = target_linears(model, config.keep, config.lm_head)
     if not layers:
         raise FANformerError("no layer left to quantize: every linear matches a --keep pattern")
-    check_layers(layers, config)
+    swaps = type(config) in SWAPPING
+    if not swaps:
+        check_layers(layers, config)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     with torch.no_grad():
         results = handler(model, layers, config, calibration, progress)
-        swap_in(model, {name: QuantLinear.from_quantized(results[name], config.bits, layers[name].bias)
-                        .to(layers[name].weight.device) for name in layers})
+        extra = {}
+        if isinstance(results, tuple):  # a handler may add its own record to the report
+            results, extra = results
+        if not swaps:
+            swap_in(model, {name: QuantLinear.from_quantized(results[name], config.bits, layers[name].bias)
+                            .to(layers[name].weight.device) for name in layers})
     model.train(was_training)
-    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # the quantized ones are swapped
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     return {"method": config.method, "config": config.to_dict(), "seconds": time.perf_counter() - start,
             "layers": {name: {"shape": list(layers[name].weight.shape), "metric": results[name].metric,
                               "error": results[name].error} for name in layers},
-            "kept": kept}
+            "kept": kept, **extra}
 
 
 def _stages(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str, list[str]]]:
@@ -115,5 +127,20 @@ def _gptq(model, layers, config: GPTQConfig, calibration, progress) -> dict[str,
     return gptq_sequential(model, layers, config, calibration, _stages(model, layers), progress)
 
 
-__all__ = ["CONFIGS", "GPTQConfig", "HANDLERS", "QuantLinear", "RTNConfig", "WeightOnlyConfig", "is_quantized",
-           "quantize", "register"]
+@register(AWQConfig)
+def _awq(model, layers, config: AWQConfig, calibration, progress):
+    from quant.awq import awq_sequential
+
+    if calibration is None:
+        raise FANformerError("AWQ needs calibration data: pass calibration token windows (samples, seq_len)")
+    return awq_sequential(model, layers, config, calibration, _stages(model, layers), progress)
+
+
+@register(BnbInt8Config, swaps=True)
+@register(BnbNF4Config, swaps=True)
+def _bnb(model, layers, config: BnbConfig, calibration, progress) -> dict[str, LayerError]:
+    return bnb_quantize(model, layers, config, progress)
+
+
+__all__ = ["AWQConfig", "BnbInt8Config", "BnbNF4Config", "CONFIGS", "GPTQConfig", "HANDLERS", "QuantLinear",
+           "RTNConfig", "WeightOnlyConfig", "is_quantized", "quantize", "register"]

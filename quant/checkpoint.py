@@ -7,6 +7,11 @@
     tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), generation_config.json
     quant_report.json     per-layer reconstruction error (GPTQ's loss, RTN's weight MSE)
 
+A bitsandbytes checkpoint (int8 / nf4, quant/bnb.py) has the same files; its
+quantization_config holds transformers' BitsAndBytesConfig keys (quant_method
+"bitsandbytes", load_in_8bit / load_in_4bit, ...) and model.safetensors bnb's own tensors
+(`<name>.weight` int8 + `.SCB`, or `<name>.weight` packed 4-bit + `.weight.absmax`, ...).
+
 Nothing is pickled. Which layers are quantized is read from the tensor names, so a layer
 left in float (`--keep`) needs no bookkeeping.
 """
@@ -24,7 +29,8 @@ from fanformer.checkpoint import (QUANTIZATION_KEY, WEIGHTS_FILE, check_output_d
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
-from quant.config import GPTQConfig, WeightOnlyConfig
+from quant import bnb as bnb_format
+from quant.config import CalibratedConfig, GPTQConfig, WeightOnlyConfig
 from quant.linear import QuantLinear, set_module
 from quant.packing import BITS, CHECKPOINT_FORMAT
 
@@ -42,7 +48,10 @@ def quantization_config(config: WeightOnlyConfig) -> dict:
 
 
 def save_quantized(out: str | Path, model: FANformer, tokenizer, config: WeightOnlyConfig, report: dict) -> Path:
-    return save_checkpoint(out, model, tokenizer, config_extra={QUANTIZATION_KEY: quantization_config(config)},
+    """A bitsandbytes config saves bnb's own tensors (quant/bnb.py); the others the GPTQ layout."""
+    qconfig = (bnb_format.quantization_config(config, report["kept"]) if isinstance(config, bnb_format.BnbConfig)
+               else quantization_config(config))
+    return save_checkpoint(out, model, tokenizer, config_extra={QUANTIZATION_KEY: qconfig},
                            extra_files={REPORT_FILE: json.dumps(report, indent=2)})
 
 
@@ -54,6 +63,8 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
     qconfig = read_quantization_config(path)
     if qconfig is None:
         raise FANformerError(f"{path} is not a quantized checkpoint (no {QUANTIZATION_KEY} in config.json)")
+    if qconfig.get("quant_method") == bnb_format.QUANT_METHOD:  # int8 / nf4 in bnb's modules, kept as saved
+        return bnb_format.load_bnb_model(path, qconfig, device)
     fmt, bits, group_size = qconfig.get("checkpoint_format"), qconfig.get("bits"), qconfig.get("group_size")
     if fmt != CHECKPOINT_FORMAT or bits not in BITS or not isinstance(group_size, int):
         raise FANformerError(f"{path}: unsupported {QUANTIZATION_KEY} (checkpoint_format {fmt!r}, bits {bits!r}, "
@@ -73,11 +84,18 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
     return load_state(model, state, path, device)
 
 
+def describe(qconfig: dict) -> str:
+    """What a quantized checkpoint holds ("gptq 4-bit", "bitsandbytes nf4"), for messages."""
+    if qconfig.get("quant_method") == bnb_format.QUANT_METHOD:
+        return bnb_format.describe(qconfig)
+    return f"{qconfig.get('quant_method')} {qconfig.get('bits')}-bit"
+
+
 def load_float_for_quantization(path: str | Path) -> tuple[FANformer, object]:
     """The float model and tokenizer to quantize; a quantized checkpoint is refused."""
     qconfig = read_quantization_config(path)
     if qconfig is not None:
-        raise FANformerError(f"{path} is already quantized ({qconfig.get('quant_method')} {qconfig.get('bits')}-bit); "
+        raise FANformerError(f"{path} is already quantized ({describe(qconfig)}); "
                              "quantize its float checkpoint instead")
     return load_model(path), load_tokenizer(path)
 
@@ -94,7 +112,7 @@ def quantize_checkpoint(checkpoint: str | Path, config: WeightOnlyConfig, out: s
         raise FANformerError("--out must differ from the checkpoint being quantized")
     model, tokenizer = load_float_for_quantization(checkpoint)
     calibration = None
-    if isinstance(config, GPTQConfig):
+    if isinstance(config, CalibratedConfig):
         if config.calib_seq_len > model.config.max_seq_len:
             raise FANformerError(f"--calib-seq-len {config.calib_seq_len} exceeds the model's max_seq_len "
                                  f"{model.config.max_seq_len}")

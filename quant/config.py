@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fanformer.errors import FANformerError
+from quant.bnb import BnbInt8Config, BnbNF4Config  # bitsandbytes' own, beside its module
 from quant.packing import BITS
 
 GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
@@ -55,27 +56,61 @@ class RTNConfig(WeightOnlyConfig):
 
 
 @dataclass(frozen=True)
-class GPTQConfig(WeightOnlyConfig):
+class CalibratedConfig(WeightOnlyConfig):
+    """A method that looks at activations: calibration windows from the training split."""
+
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8  # calibration sequences per forward pass (memory, not results)
+
+    def _problems(self):
+        yield from super()._problems()
+        for name in ("calib_samples", "calib_seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                yield f"{name} must be a positive integer, got {value!r}"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(CalibratedConfig):
     """GPTQ (Frantar et al. 2022). percdamp and blocksize are the paper's 1% and 128."""
 
     act_order: bool = False
-    calib_samples: int = 128
-    calib_seq_len: int = 512
     percdamp: float = 0.01
     blocksize: int = 128
-    seed: int = 0
-    batch_size: int = 8  # calibration sequences per forward pass (memory, not results)
 
     method = "gptq"
 
     def _problems(self):
         yield from super()._problems()
-        for name in ("calib_samples", "calib_seq_len", "blocksize", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                yield f"{name} must be a positive integer, got {value!r}"
+        if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize <= 0:
+            yield f"blocksize must be a positive integer, got {self.blocksize!r}"
         if not 0 < self.percdamp < 1:
             yield f"percdamp must be in (0, 1), got {self.percdamp}"
 
 
-CONFIGS = {cls.method: cls for cls in (RTNConfig, GPTQConfig)}
+@dataclass(frozen=True)
+class AWQConfig(CalibratedConfig):
+    """AWQ (Lin et al. 2023). n_grid, max_shrink and clip_tokens are the reference code's
+    20, 0.5 and 512; search_scale / search_clip switch off either half (for ablations)."""
+
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    search_scale: bool = True
+    search_clip: bool = True
+
+    method = "awq"
+
+    def _problems(self):
+        yield from super()._problems()
+        for name in ("n_grid", "clip_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                yield f"{name} must be a positive integer, got {value!r}"
+        if not 0 <= self.max_shrink < 1:
+            yield f"max_shrink must be in [0, 1), got {self.max_shrink}"
+
+
+CONFIGS = {cls.method: cls for cls in (RTNConfig, GPTQConfig, AWQConfig, BnbInt8Config, BnbNF4Config)}

@@ -19,25 +19,40 @@ from quant.gptq import Hessian, gptq_quantize
 from quant.grid import QuantizedWeight
 
 
+class Stages:
+    """The calibration batch pushed through the model one stage at a time: `inputs` holds
+    the current stage's inputs, one (B, T, C) tensor per batch of `batch_size` windows."""
+
+    def __init__(self, model: nn.Module, calibration: torch.Tensor, batch_size: int):
+        if calibration.dim() != 2 or calibration.numel() == 0:
+            raise FANformerError(f"calibration must be (samples, seq_len) token ids, got shape "
+                                 f"{tuple(calibration.shape)}")
+        seq_len = calibration.shape[1]
+        if seq_len > model.config.max_seq_len:
+            raise FANformerError(f"calibration windows of {seq_len} tokens exceed the model's max_seq_len "
+                                 f"{model.config.max_seq_len}; lower --calib-seq-len")
+        self.model = model
+        device = model.embed.weight.device
+        positions = torch.arange(seq_len, device=device)[None]
+        self.cos, self.sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)  # (1, 1, T, hs)
+        self.inputs = [model.embed(batch) for batch in calibration.to(device).split(batch_size)]  # block 0's
+
+    def run(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """One stage ("blocks.3." or "lm_head") on one batch of its inputs."""
+        if prefix == "lm_head":
+            return self.model.lm_head(self.model.norm(x))
+        return self.model.blocks[int(prefix.split(".")[1])](x, self.cos, self.sin, None)
+
+    def advance(self, prefix: str) -> None:
+        """Replace the inputs by the stage's outputs (with its weights as they are now)."""
+        if prefix != "lm_head":
+            self.inputs = [self.run(prefix, x) for x in self.inputs]
+
+
 def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQConfig, calibration: torch.Tensor,
                     stages: list[tuple[str, list[str]]], progress: bool) -> dict[str, QuantizedWeight]:
-    if calibration.dim() != 2 or calibration.numel() == 0:
-        raise FANformerError(f"calibration must be (samples, seq_len) token ids, got shape {tuple(calibration.shape)}")
-    seq_len = calibration.shape[1]
-    if seq_len > model.config.max_seq_len:
-        raise FANformerError(f"calibration windows of {seq_len} tokens exceed the model's max_seq_len "
-                             f"{model.config.max_seq_len}; lower --calib-seq-len")
     device = model.embed.weight.device
-    ids = calibration.to(device)
-    positions = torch.arange(seq_len, device=device)[None]
-    cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)  # (1, 1, T, hs)
-
-    def run_stage(prefix: str, x: torch.Tensor) -> torch.Tensor:
-        if prefix == "lm_head":
-            return model.lm_head(model.norm(x))
-        return model.blocks[int(prefix.split(".")[1])](x, cos, sin, None)
-
-    xs = [model.embed(batch) for batch in ids.split(config.batch_size)]  # block 0's inputs
+    run = Stages(model, calibration, config.batch_size)
     results = {}
     bar = tqdm(total=len(stages), desc="gptq", unit="block", disable=not progress)
     for prefix, names in stages:
@@ -47,8 +62,8 @@ def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQ
             lambda module, inputs, output, h=hessians[name]: h.add_batch(inputs[0].detach()))
             for name in names]
         try:
-            for x in xs:
-                run_stage(prefix, x)
+            for x in run.inputs:
+                run.run(prefix, x)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -60,8 +75,7 @@ def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQ
             layer.weight.data.copy_(result.dequantize().to(layer.weight.dtype))
             results[name] = result
             del hessians[name]
-        if prefix != "lm_head":
-            xs = [run_stage(prefix, x) for x in xs]  # the quantized block's outputs feed the next
+        run.advance(prefix)  # the quantized block's outputs feed the next
         bar.update()
     bar.close()
     return results

@@ -18,7 +18,7 @@ from export.gguf_export import export_gguf
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 from fanformer.tokenizer import train_tokenizer
-from quant import GPTQConfig, RTNConfig, quantize
+from quant import AWQConfig, GPTQConfig, RTNConfig, quantize
 from quant.checkpoint import save_quantized
 from quant.linear import QuantLinear
 from runtime import load_backend, reference_greedy
@@ -60,13 +60,19 @@ def carried_weights(model, path):
     return reader, out
 
 
-@pytest.mark.parametrize("bits, sym, qtype, file_type", [
-    (4, True, Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-    (8, True, Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    (4, False, Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+@pytest.mark.parametrize("method, bits, sym, qtype, file_type", [
+    ("rtn", 4, True, Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    ("rtn", 8, True, Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    ("rtn", 4, False, Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    ("awq", 4, True, Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),  # AWQ's scales live in norms and biases
 ])
-def test_integers_survive_and_backends_agree(trained, tmp_path, caplog, bits, sym, qtype, file_type):
-    qdir, model = quantized_dir(trained, tmp_path, RTNConfig(bits=bits, group_size=32, sym=sym))
+def test_integers_survive_and_backends_agree(trained, tmp_path, caplog, method, bits, sym, qtype, file_type):
+    if method == "awq":
+        config = AWQConfig(bits=bits, group_size=32, sym=sym, calib_samples=8, calib_seq_len=32)
+        calibration = torch.randint(0, trained[1].get_vocab_size(), (8, 32), generator=torch.Generator().manual_seed(0))
+        qdir, model = quantized_dir(trained, tmp_path, config, calibration)
+    else:
+        qdir, model = quantized_dir(trained, tmp_path, RTNConfig(bits=bits, group_size=32, sym=sym))
     with caplog.at_level(logging.INFO):
         path = export_gguf(qdir, tmp_path / "q.gguf")
     reader, weights = carried_weights(model, path)

@@ -4,22 +4,27 @@ scales and zero points give exactly the checkpoint's dequantized weight; the exp
 greedy tokens match the PyTorch backend on the quantized checkpoint; what MatMulNBits
 cannot hold is refused with a FANformerError."""
 
+import copy
 import shutil
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
 from export.onnx_export import compare_logits, export_onnx
 from fanformer.errors import FANformerError
 from quant.checkpoint import load_quantized_model, quantize_checkpoint
-from quant.config import RTNConfig
+from quant import quantize
+from quant.checkpoint import save_quantized
+from quant.config import AWQConfig, CalibratedConfig, RTNConfig
 from quant.linear import QuantLinear
 from runtime import load_backend, reference_greedy
 
 CONFIGS = {"4-sym": RTNConfig(bits=4, group_size=32, sym=True),
+           "4-awq": AWQConfig(bits=4, group_size=32, calib_samples=8, calib_seq_len=32),
            "4-asym": RTNConfig(bits=4, group_size=32, sym=False),
            "8-asym": RTNConfig(bits=8, group_size=32, sym=False)}
 
@@ -30,11 +35,18 @@ def checkpoint(overfit_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def quantized(checkpoint):
+def quantized(checkpoint, overfit_tiny):
     out = {}
     for kind, config in CONFIGS.items():
         out[kind] = checkpoint.with_name(f"q{kind}")
-        quantize_checkpoint(checkpoint, config, out[kind], progress=False)
+        if isinstance(config, CalibratedConfig):  # AWQ folds scales into norms and biases too
+            model, tokenizer, _ = overfit_tiny
+            model = copy.deepcopy(model)
+            calibration = torch.randint(0, tokenizer.get_vocab_size(), (8, 32),
+                                        generator=torch.Generator().manual_seed(0))
+            save_quantized(out[kind], model, tokenizer, config, quantize(model, config, calibration, progress=False))
+        else:
+            quantize_checkpoint(checkpoint, config, out[kind], progress=False)
     return out
 
 

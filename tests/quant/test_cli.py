@@ -70,4 +70,8 @@ def test_output_exists_without_force(trained, rtn_dir, cli_fails):
 
 def test_gptq_flags_with_rtn(trained, tmp_path, cli_fails):
     cli_fails(quantize_args(trained, tmp_path / "q", "--method", "rtn", "--act-order"),
-          "--act-order only apply to --method gptq")
+          "--act-order only applies to --method gptq")
+    cli_fails(quantize_args(trained, tmp_path / "q", "--method", "awq", "--act-order"),
+          "--act-order only applies to --method gptq")
+    cli_fails(quantize_args(trained, tmp_path / "q", "--method", "rtn", "--calib-samples", "4"),
+          "--calib-samples only apply to --method gptq or awq")

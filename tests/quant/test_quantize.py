@@ -10,7 +10,7 @@ from safetensors import safe_open
 from fanformer.checkpoint import load_model
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer
-from quant import GPTQConfig, QuantLinear, RTNConfig, quantize
+from quant import AWQConfig, GPTQConfig, QuantLinear, RTNConfig, quantize
 from quant.calibration import calibration_tokens
 from quant.checkpoint import REPORT_FILE, load_quantized_model, quantize_checkpoint, save_quantized
 from runtime import GenerationConfig, drift, eval_tokens, fp16_reference, generate, load_backend, reference_greedy
@@ -18,7 +18,11 @@ from runtime import GenerationConfig, drift, eval_tokens, fp16_reference, genera
 CALIB = dict(calib_samples=32, calib_seq_len=64)
 METHODS = {"rtn8": RTNConfig(bits=8, group_size=32), "rtn4": RTNConfig(bits=4, group_size=32),
            "gptq4": GPTQConfig(bits=4, group_size=32, **CALIB),
-           "gptq4-act-asym": GPTQConfig(bits=4, group_size=32, sym=False, act_order=True, **CALIB)}
+           "gptq4-act-asym": GPTQConfig(bits=4, group_size=32, sym=False, act_order=True, **CALIB),
+           "awq4": AWQConfig(bits=4, group_size=32, **CALIB),
+           "awq4-asym": AWQConfig(bits=4, group_size=32, sym=False, **CALIB),
+           "rtn3": RTNConfig(bits=3, group_size=-1, keep=("*.fan.proj",)),
+           "awq3": AWQConfig(bits=3, group_size=-1, keep=("*.fan.proj",), **CALIB)}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,9 @@ def test_drift_is_finite_and_ordered(drifts):
     assert drifts["rtn8"]["kl_mean"] < drifts["rtn4"]["kl_mean"]
     assert drifts["gptq4"]["kl_mean"] <= drifts["rtn4"]["kl_mean"]
     assert drifts["gptq4-act-asym"]["kl_mean"] <= drifts["rtn4"]["kl_mean"]
+    assert drifts["awq4"]["kl_mean"] <= drifts["rtn4"]["kl_mean"]
+    assert drifts["awq4-asym"]["kl_mean"] <= drifts["rtn4"]["kl_mean"]
+    assert drifts["awq3"]["kl_mean"] <= drifts["rtn3"]["kl_mean"]
     assert drifts["rtn8"]["top1_agreement"] > 0.97
 
 
