@@ -5,7 +5,7 @@
     model.safetensors     per quantized linear `<name>.qweight/.qzeros/.scales/.g_idx` (+ `.bias`),
                           in the GPTQ v1 layout of `quant/packing.py`; every other tensor in float
     tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), generation_config.json
-    quant_report.json     per-layer reconstruction error (GPTQ's loss, RTN's weight MSE)
+    quant_report.json     per-layer reconstruction error (GPTQ's loss, AWQ's output error and scale search, RTN's weight MSE)
 
 A bitsandbytes checkpoint (int8 / nf4, quant/bnb.py) has the same files; its
 quantization_config holds transformers' BitsAndBytesConfig keys (quant_method
