@@ -51,7 +51,22 @@ def carried_type_name(checkpoint: Path) -> str | None:
     return target_type(quantization["bits"], quantization["sym"]).name.lower()
 
 
+def refuse_bitsandbytes(checkpoint: str | Path, format: str) -> None:
+    """ONNX and GGUF carry a quantized checkpoint's GPTQ-layout integers only; bnb's int8
+    rows and NF4 codes have no counterpart there."""
+    from fanformer.checkpoint import read_quantization_config
+    from quant.checkpoint import describe
+    from quant.config import BNB_QUANT_METHOD
+
+    quantization = read_quantization_config(checkpoint)
+    if quantization is not None and quantization.get("quant_method") == BNB_QUANT_METHOD:
+        raise FANformerError(f"{checkpoint} holds {describe(quantization)} weights, which {format.upper()} cannot "
+                             "carry (only rtn/gptq/awq checkpoints are carried); export the float checkpoint instead "
+                             "(it can be quantized on export)")
+
+
 def export(checkpoint: str | Path, format: str, out: str | Path | None = None, **options) -> Path:
     if format not in EXPORTERS:
         raise FANformerError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}")
+    refuse_bitsandbytes(checkpoint, format)
     return EXPORTERS[format](checkpoint, out or default_output(checkpoint, format, **options), **options)

@@ -14,6 +14,7 @@ and nf4 (`quant.bnb`) run as bnb's own modules: their handler swaps them in itse
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -22,8 +23,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from fanformer.errors import FANformerError
-from quant.bnb import BnbConfig, BnbInt8Config, BnbNF4Config, LayerError, bnb_quantize, is_bnb_linear
-from quant.config import CONFIGS, AWQConfig, GPTQConfig, RTNConfig, WeightOnlyConfig
+from quant.config import (CONFIGS, AWQConfig, BnbConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, RTNConfig,
+                          WeightOnlyConfig)
 from quant.grid import QuantizedWeight
 from quant.linear import QuantLinear, swap_in, target_linears
 
@@ -47,7 +48,8 @@ def register(config_type: type, swaps: bool = False):
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) or is_bnb_linear(m) for m in model.modules())
+    bnb = sys.modules.get("quant.bnb")  # imported with the first bitsandbytes layer, and only then
+    return any(isinstance(m, QuantLinear) or (bnb is not None and bnb.is_bnb_linear(m)) for m in model.modules())
 
 
 def check_layers(layers: dict[str, nn.Linear], config: WeightOnlyConfig) -> None:
@@ -138,7 +140,9 @@ def _awq(model, layers, config: AWQConfig, calibration, progress):
 
 @register(BnbInt8Config, swaps=True)
 @register(BnbNF4Config, swaps=True)
-def _bnb(model, layers, config: BnbConfig, calibration, progress) -> dict[str, LayerError]:
+def _bnb(model, layers, config: BnbConfig, calibration, progress):
+    from quant.bnb import bnb_quantize
+
     return bnb_quantize(model, layers, config, progress)
 
 

@@ -29,8 +29,7 @@ from fanformer.checkpoint import (QUANTIZATION_KEY, WEIGHTS_FILE, check_output_d
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
-from quant import bnb as bnb_format
-from quant.config import CalibratedConfig, GPTQConfig, WeightOnlyConfig
+from quant.config import BNB_QUANT_METHOD, BnbConfig, CalibratedConfig, GPTQConfig, WeightOnlyConfig
 from quant.linear import QuantLinear, set_module
 from quant.packing import BITS, CHECKPOINT_FORMAT
 
@@ -49,8 +48,12 @@ def quantization_config(config: WeightOnlyConfig) -> dict:
 
 def save_quantized(out: str | Path, model: FANformer, tokenizer, config: WeightOnlyConfig, report: dict) -> Path:
     """A bitsandbytes config saves bnb's own tensors (quant/bnb.py); the others the GPTQ layout."""
-    qconfig = (bnb_format.quantization_config(config, report["kept"]) if isinstance(config, bnb_format.BnbConfig)
-               else quantization_config(config))
+    if isinstance(config, BnbConfig):
+        from quant.bnb import quantization_config as bnb_quantization_config
+
+        qconfig = bnb_quantization_config(config, report["kept"])
+    else:
+        qconfig = quantization_config(config)
     return save_checkpoint(out, model, tokenizer, config_extra={QUANTIZATION_KEY: qconfig},
                            extra_files={REPORT_FILE: json.dumps(report, indent=2)})
 
@@ -63,8 +66,10 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
     qconfig = read_quantization_config(path)
     if qconfig is None:
         raise FANformerError(f"{path} is not a quantized checkpoint (no {QUANTIZATION_KEY} in config.json)")
-    if qconfig.get("quant_method") == bnb_format.QUANT_METHOD:  # int8 / nf4 in bnb's modules, kept as saved
-        return bnb_format.load_bnb_model(path, qconfig, device)
+    if qconfig.get("quant_method") == BNB_QUANT_METHOD:  # int8 / nf4 in bnb's modules, kept as saved
+        from quant.bnb import load_bnb_model
+
+        return load_bnb_model(path, qconfig, device)
     fmt, bits, group_size = qconfig.get("checkpoint_format"), qconfig.get("bits"), qconfig.get("group_size")
     if fmt != CHECKPOINT_FORMAT or bits not in BITS or not isinstance(group_size, int):
         raise FANformerError(f"{path}: unsupported {QUANTIZATION_KEY} (checkpoint_format {fmt!r}, bits {bits!r}, "
@@ -86,8 +91,8 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
 
 def describe(qconfig: dict) -> str:
     """What a quantized checkpoint holds ("gptq 4-bit", "bitsandbytes nf4"), for messages."""
-    if qconfig.get("quant_method") == bnb_format.QUANT_METHOD:
-        return bnb_format.describe(qconfig)
+    if qconfig.get("quant_method") == BNB_QUANT_METHOD:
+        return f"{BNB_QUANT_METHOD} {'int8' if qconfig.get('load_in_8bit') else qconfig.get('bnb_4bit_quant_type')}"
     return f"{qconfig.get('quant_method')} {qconfig.get('bits')}-bit"
 
 

@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from fanformer.errors import FANformerError
-from quant.bnb import BnbInt8Config, BnbNF4Config  # bitsandbytes' own, beside its module
 from quant.packing import BITS
 
 GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
@@ -111,6 +110,72 @@ class AWQConfig(CalibratedConfig):
                 yield f"{name} must be a positive integer, got {value!r}"
         if not 0 <= self.max_shrink < 1:
             yield f"max_shrink must be in [0, 1), got {self.max_shrink}"
+
+
+BNB_QUANT_METHOD = "bitsandbytes"  # quantization_config's quant_method for int8/nf4, as transformers writes it
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's 4-bit kernels take
+BNB_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    """The bitsandbytes methods (quant/bnb.py): no grid and no calibration, only which
+    layers they cover, with `WeightOnlyConfig`'s meaning of `keep` and `lm_head`."""
+
+    keep: tuple[str, ...] = ()
+    lm_head: bool = False
+
+    method = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", tuple(self.keep))
+        problems = list(self._problems())
+        if problems:
+            raise FANformerError(f"invalid {self.method} config: " + "; ".join(problems))
+
+    def _problems(self):
+        return iter(())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BnbInt8Config(BnbConfig):
+    """LLM.int8() (Dettmers et al. 2022): int8 weight rows; input columns holding an
+    |x| >= threshold (the paper's 6.0) multiply in float. 0 turns that decomposition off."""
+
+    threshold: float = 6.0
+
+    method = "int8"
+
+    def _problems(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold < 0:
+            yield f"threshold must be a number >= 0 (0 turns the outlier decomposition off), got {self.threshold!r}"
+
+
+@dataclass(frozen=True)
+class BnbNF4Config(BnbConfig):
+    """NF4 (QLoRA, Dettmers et al. 2023): blocks of `blocksize` weights on the NormalFloat grid.
+
+    compute_dtype: what a layer dequantizes to and multiplies in. float32 by default: on a
+    CPU that is the model's own dtype, so a layer computes exactly x @ dequant(W)^T; bf16
+    only pays off for long prefills, fp16 not at all (no fast CPU fp16 matmul).
+    double_quant: QLoRA's 8-bit block absmaxes (0.5 -> 0.127 bits per weight); off, as in
+    transformers, so each block's scale stays exact.
+    """
+
+    blocksize: int = 64
+    compute_dtype: str = "float32"
+    double_quant: bool = False
+
+    method = "nf4"
+
+    def _problems(self):
+        if isinstance(self.blocksize, bool) or self.blocksize not in BNB_BLOCKSIZES:
+            yield f"blocksize must be one of {', '.join(map(str, BNB_BLOCKSIZES))}, got {self.blocksize!r}"
+        if self.compute_dtype not in BNB_COMPUTE_DTYPES:
+            yield f"compute_dtype must be one of {', '.join(BNB_COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
 
 
 CONFIGS = {cls.method: cls for cls in (RTNConfig, GPTQConfig, AWQConfig, BnbInt8Config, BnbNF4Config)}

@@ -29,7 +29,7 @@ class TorchBackend(Backend):
     round_weights="fp16" to round the weights to fp16 first (the FP16 reference)."""
 
     def __init__(self, path: Path, dtype: str = "fp32", device: str = "cpu", round_weights: str | None = None):
-        if read_quantization_config(path) is not None:  # GPTQ-layout weights, kept packed (quant/)
+        if read_quantization_config(path) is not None:  # GPTQ-packed or bnb int8/nf4, kept so in memory (quant/)
             from quant.checkpoint import load_quantized_model
 
             model = load_quantized_model(path)
