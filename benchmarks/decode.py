@@ -24,9 +24,15 @@ time, so the minimum is the least noisy estimate of what the backend can do. A p
 is a randomly initialised model (speed does not depend on the weights), run without a
 tokenizer.
 
+Two established runtimes are timed the same way on the files they read: onnxruntime-genai
+on an exported ONNX folder (--genai) and llama.cpp, through llama-cpp-python, on a GGUF
+file of the `llama` architecture (--llama-cpp; `pip install llama-cpp-python`, which
+compiles llama.cpp).
+
     python benchmarks/decode.py                                 # preset small, CPU or GPU
     python benchmarks/decode.py --preset seed-92m --dtype bf16 --device cuda --json
     python benchmarks/decode.py runs/my-checkpoint --decode-steps 64 --batch-size 4
+    python benchmarks/decode.py model-q4_0.gguf --llama-cpp     # a `--arch llama` export
 
 Nothing here asserts a speed.
 """
@@ -40,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -168,6 +175,49 @@ class GenaiTimer:
         return timer.seconds
 
 
+class LlamaCppTimer:
+    """llama.cpp on a GGUF file, timed like a backend: `eval` of the prompt is the prefill,
+    each `eval` of one token a decode step, followed by the argmax of its logits as in
+    `time_decode`. Batch 1, torch's thread count, llama.cpp's defaults otherwise (f16 KV
+    cache, weights repacked for the CPU where ggml does that)."""
+
+    def __init__(self, path: str):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise FANformerError("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python") from None
+        from runtime.backend import BackendInfo
+
+        self.llama_cpp = llama_cpp
+        # n_ctx 0: the file's context length; one batch takes the longest prompt whole.
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT,
+                                   n_threads=torch.get_num_threads(), verbose=False)
+        self.info = BackendInfo(format="llama.cpp", path=path, vocab_size=self.llm.n_vocab(),
+                                max_seq_len=llama_cpp.llama_model_n_ctx_train(self.llm.model), bos_id=0, eos_id=0,
+                                pad_id=0, dtype="(the file's)", device="cpu")
+
+    def next_token(self) -> int:
+        logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated position
+        return int(np.ctypeslib.as_array(logits, shape=(self.info.vocab_size,)).argmax())
+
+    def time_prefill(self, prompt: torch.Tensor) -> float:
+        self.llm.reset()
+        with Timer("cpu") as timer:
+            self.llm.eval(prompt[0].tolist())
+            self.next_token()
+        return timer.seconds
+
+    def time_decode(self, prompt: torch.Tensor, steps: int) -> float:
+        self.llm.reset()
+        self.llm.eval(prompt[0].tolist())
+        token = self.next_token()
+        with Timer("cpu") as timer:
+            for _ in range(steps):
+                self.llm.eval([token])
+                token = self.next_token()
+        return timer.seconds
+
+
 def benchmark(backend: Backend, args) -> dict:
     info = backend.info
     batch, steps = args.batch_size, args.decode_steps
@@ -180,9 +230,9 @@ def benchmark(backend: Backend, args) -> dict:
     if info.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    genai = isinstance(backend, GenaiTimer)
-    prefill = backend.time_prefill if genai else lambda p: time_prefill(backend, p)
-    decode = backend.time_decode if genai else lambda p, n: time_decode(backend, p, n)
+    timer = isinstance(backend, (GenaiTimer, LlamaCppTimer))  # times itself, not through `Backend`
+    prefill = backend.time_prefill if timer else lambda p: time_prefill(backend, p)
+    decode = backend.time_decode if timer else lambda p, n: time_decode(backend, p, n)
     prompt = random_prompt(backend, batch, prompt_len)
     seconds = best_seconds(lambda: prefill(prompt), args.repeats)
     rows = [{"phase": "prefill", "context": 0, "tokens": batch * prompt_len, "calls": 1,
@@ -209,6 +259,10 @@ def load(args) -> tuple[Backend, str]:
         if args.path is None or args.batch_size != 1:
             raise FANformerError("--genai needs an exported ONNX folder as PATH and --batch-size 1")
         return GenaiTimer(args.path), str(args.path)
+    if args.llama_cpp:
+        if args.path is None or args.batch_size != 1:
+            raise FANformerError("--llama-cpp needs a GGUF file of the llama architecture as PATH and --batch-size 1")
+        return LlamaCppTimer(args.path), str(args.path)
     if args.path is not None:
         return load_backend(args.path, dtype=args.dtype, device=args.device), str(args.path)
     torch.manual_seed(0)
@@ -236,6 +290,8 @@ def parse_args() -> argparse.Namespace:
                         help="timed runs per measurement; the fastest is kept (default: 3)")
     parser.add_argument("--genai", action="store_true",
                         help="time onnxruntime-genai on the ONNX folder PATH instead of the ONNX backend")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="time llama.cpp (llama-cpp-python) on the GGUF file PATH instead of the GGUF backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
     if min(args.batch_size, args.prompt_len, args.decode_steps, args.repeats) <= 0:

@@ -207,6 +207,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
         from quant.checkpoint import load_quantized_model
         model = load_quantized_model(checkpoint)
     config = model.config
+    if config.head != "linear" or config.mixer != "attention":
+        raise FANformerError(f"{checkpoint} has head = {config.head!r} and mixer = {config.mixer!r}, but GGUF "
+                             "(and llama.cpp) runs the linear head with attention only; export it with "
+                             "--format onnx instead")
     if arch == names.LLAMA_ARCH and (blockers := llama_blockers(config)):
         raise FANformerError(f"{checkpoint} cannot be exported as a llama model: {'; '.join(blockers)}; "
                              "export it with --arch fanformer instead")

@@ -77,6 +77,25 @@ def write_directory_atomically(out: str | Path, write: Callable[[Path], None]) -
     return out
 
 
+def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_file)` beside `path`, then rename it over `path`: readers see the
+    old file or the new one, never half of one (reports, plots)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _make_readable(directory: Path) -> None:
     """mkdtemp/mkstemp create owner-only files; give the checkpoint the usual umask modes."""
     umask = os.umask(0)

@@ -3,7 +3,10 @@
 Each subcommand is a plain function taking parsed arguments; config fields become
 flags automatically (`--n-layers 4`, `--p 0`, `--norm pre`, ...). A `FANformerError`
 is printed as one line and exits with status 2; anything else is a bug and keeps its
-traceback.
+traceback. A subcommand that gives a verdict returns its exit status: `drift` (and
+`quickstart`, which ends with the drift table) exit 1 when a variant is over its drift
+budget or failed to build or run, so a script can tell a bad model (1) from a bad
+command line (2).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ QUICKSTART_MODEL = dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_k
                         ffn_dim=384, max_seq_len=256)
 QUICKSTART_TRAIN = dict(max_steps=600, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=50,
                         eval_every=200, save_every=200, log_every=10)
+# The drift table of the quickstart: every default variant, on few enough held-out tokens
+# and calibration windows to take a few minutes on 2 cores.
+QUICKSTART_DRIFT = dict(max_tokens=4096, calib_samples=64)
 
 
 # --- Dataclass fields as flags ------------------------------------------------
@@ -308,25 +314,96 @@ def format_eval(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_quickstart(args: argparse.Namespace) -> None:
-    """Train a small FANformer on the default corpus (a few minutes on 2 CPU cores) and sample it."""
+def cmd_drift(args: argparse.Namespace) -> int:
+    """Take a float checkpoint through every variant (PyTorch fp16/bf16, bitsandbytes, RTN/GPTQ/AWQ,
+    ONNX, GGUF, onnxruntime-genai), measure each against the FP16 reference on the same held-out
+    tokens, write drift.json, drift.md and drift.png, and exit 1 if one is over budget or failed."""
+    from runtime.drift_table import TableConfig, load_budgets, run_drift_table
+
+    budgets = load_budgets(args.budget) if args.budget else None
+    config = TableConfig(**({"variants": tuple(args.variants)} if args.variants else {}), split=args.split,
+                         max_tokens=args.max_tokens or None, ctx=args.ctx, batch_size=args.batch_size,
+                         device=args.device, calib_samples=args.calib_samples, speed=not args.no_speed,
+                         threads=args.threads)
+    table = run_drift_table(args.checkpoint, args.out, config, data=args.data, budgets=budgets,
+                            cache_dir=args.cache_dir, force=args.force, progress=not args.quiet)
+    return print_drift_table(table)
+
+
+def print_drift_table(table) -> int:
+    """Print the table and where it went; the exit status of its verdict (0 pass, 1 fail)."""
+    from runtime.drift_table import ARTIFACTS, markdown
+
+    print(markdown(table))
+    print(f"wrote {Path(table.out) / 'drift.json'}, drift.md and drift.png; the variants are in "
+          f"{Path(table.out) / ARTIFACTS}")
+    for row in table.breaches:
+        print(f"fanformer: {row.variant} {row.status}: {row.reason}", file=sys.stderr)
+    return 0 if table.passed else 1
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The whole story on the default corpus in about ten minutes on 2 CPU cores: train a small
+    FANformer, export it to ONNX and GGUF, quantize it (bitsandbytes int8, RTN, GPTQ, AWQ), print
+    the drift table and a sample from the best 4-bit variant."""
+    from fanformer.checkpoint import check_output_dir
     from fanformer.pipeline import train_run
     from runtime import GenerationConfig, generate, load_backend
+    from runtime.drift_table import TableConfig, best_row, run_drift_table
+    from runtime.variants import VARIANTS
 
+    drift_out = Path(args.out).with_name(Path(args.out).name + "-drift")
+    check_output_dir(drift_out, args.force)  # before the training, not after it
     train_overrides = dict(QUICKSTART_TRAIN)
     if args.max_steps:
         train_overrides["max_steps"] = args.max_steps
     train_run(out=args.out, preset="tiny", data=args.data, resume=False, force=args.force,
               model_overrides=dict(QUICKSTART_MODEL), train_overrides=train_overrides,
               progress=not args.quiet)
-    print(f"\ncheckpoint: {args.out}\nsample:\n")
+    print(f"\ncheckpoint: {args.out}\n")
+    table = run_drift_table(args.out, drift_out, TableConfig(**QUICKSTART_DRIFT), data=args.data,
+                            force=args.force, progress=not args.quiet)
+    status = print_drift_table(table)
+    best = best_row(table, bits=4)
+    path, options = (best.path, VARIANTS[best.variant].load_options("cpu")) if best else (args.out, {})
+    print(f"sample from {best.variant if best else 'the checkpoint'} ({path}):\n")
     prompt = "def "
-    sample = generate(load_backend(args.out), [prompt], GenerationConfig(max_new_tokens=120, temperature=0.7, top_k=50))
-    print(prompt + sample[0].text)
+    config = GenerationConfig(max_new_tokens=120, temperature=0.7, top_k=50)
+    print(prompt + generate(load_backend(path, **options), [prompt], config)[0].text)
+    return status
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """Run an experiment: `modular` is the paper's leave-square-out test, FANformer against a Transformer."""
+    from fanformer.modular import RESULTS_FILE, TASKS, ExperimentConfig, format_results, run_experiment
+
+    tasks = tuple(TASKS) if args.task == "both" else (args.task,)
+    config = ExperimentConfig(tasks=tasks, **dataclass_overrides(args, ExperimentConfig))
+    results = run_experiment(config, args.out, force=args.force, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_results(results))
+        print(f"wrote {Path(args.out) / RESULTS_FILE}, heatmaps.png and the checkpoints in {args.out}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """Analyse a checkpoint: `fourier` is the DFT of number-token representations (arXiv 2406.03445)."""
+    from fanformer.fourier_analysis import analyze_checkpoint, format_analysis, save_analysis
+
+    result = analyze_checkpoint(args.checkpoint, max_number=args.max_number, layers=args.layers, top=args.top)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).name + "-fourier")
+    written = save_analysis(result, out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_analysis(result))
+        print(f"wrote {', '.join(str(path) for path in written)}")
 
 
 COMMANDS = {"train": cmd_train, "info": cmd_info, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval,
-            "quickstart": cmd_quickstart, "quantize": cmd_quantize}
+            "quickstart": cmd_quickstart, "quantize": cmd_quantize, "drift": cmd_drift,
+            "experiment": cmd_experiment, "analyze": cmd_analyze}
 
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -438,12 +515,68 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    dr = sub.add_parser("drift", help=cmd_drift.__doc__, description=cmd_drift.__doc__)
+    dr.add_argument("checkpoint", help="float checkpoint directory")
+    dr.add_argument("--data", nargs="+", help="corpus files/folders/globs: its held-out split is scored, its training "
+                    "split calibrates GPTQ/AWQ (default: the Python standard library)")
+    dr.add_argument("--variants", nargs="+", metavar="NAME",
+                    help="variants to measure, e.g. gptq-w4g128 gguf-q4_0 (default: every one of runtime/variants.py "
+                         "but gptq-w4g128-onnx; an unknown name lists them)")
+    dr.add_argument("--out", help="folder for drift.json, drift.md, drift.png and the built artifacts/ "
+                                  "(default <checkpoint>-drift)")
+    dr.add_argument("--budget", help="JSON file: variant -> {max_ppl_change, max_kl_mean, min_top1}, overriding "
+                                     "the defaults for the variants it names (see tests/drift_budget.json)")
+    dr.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                    help="split of --data to score (default test)")
+    dr.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (default 8192; 0 = all)")
+    dr.add_argument("--ctx", type=int, help="context window (default min(512, the model's maximum)), stride ctx/2")
+    dr.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    dr.add_argument("--calib-samples", type=int, default=128, help="GPTQ/AWQ calibration windows (default 128)")
+    dr.add_argument("--device", default="cpu", help="cpu (default), cuda or auto; a variant that cannot run there "
+                                                    "runs on the CPU")
+    dr.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1: reproducible "
+                                                          "timings on a shared machine)")
+    dr.add_argument("--no-speed", action="store_true", help="skip the decode tokens/s and peak memory columns")
+    dr.add_argument("--force", action="store_true", help="replace the table and artifacts in an existing --out")
+    dr.add_argument("--cache-dir", help="token cache (default $FANFORMER_CACHE or ~/.cache/fanformer)")
+    dr.add_argument("--quiet", action="store_true", help="no progress bar")
+
     quick = sub.add_parser("quickstart", help=cmd_quickstart.__doc__, description=cmd_quickstart.__doc__)
     quick.add_argument("--out", default=QUICKSTART_OUT, help=f"checkpoint directory (default {QUICKSTART_OUT})")
     quick.add_argument("--data", nargs="+", help="corpus (default: the Python standard library's source)")
     quick.add_argument("--max-steps", type=int, default=0, help=f"training steps (default {QUICKSTART_TRAIN['max_steps']})")
-    quick.add_argument("--force", action="store_true", help="overwrite a previous quickstart run")
+    quick.add_argument("--force", action="store_true", help="overwrite a previous quickstart run (checkpoint and "
+                                                           "<out>-drift)")
     quick.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    from fanformer.modular import ExperimentConfig
+
+    experiment = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
+    which = experiment.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    modular = which.add_parser("modular", help="leave-square-out on (a + b) mod 113 and a + 2b + 3",
+                               description="Train FANformer and a p = 0 Transformer of equal parameter count on "
+                                           "c = (a + b) mod 113 and c = a + 2b + 3 with a 21 x 21 square of (a, b) "
+                                           "held out; report accuracy on the training pairs and in the square.")
+    modular.add_argument("--task", default="both", choices=["add_mod", "linear", "both"], help="(default both)")
+    modular.add_argument("--out", default="runs/modular", help="results, heat maps and checkpoints "
+                                                               "(default runs/modular)")
+    modular.add_argument("--json", action="store_true", help="print the results as JSON")
+    modular.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    modular.add_argument("--quiet", action="store_true", help="no progress")
+    add_dataclass_flags(modular, ExperimentConfig, "experiment")
+
+    analyze = sub.add_parser("analyze", help=cmd_analyze.__doc__, description=cmd_analyze.__doc__)
+    what = analyze.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    fourier = what.add_parser("fourier", help="Fourier spectrum and dominant periods of number tokens",
+                              description="DFT over the number axis of the embeddings (and hidden states) of the "
+                                          "tokens '0'..'N'; prints the dominant periods and plots the spectrum.")
+    fourier.add_argument("checkpoint", help="checkpoint directory whose tokenizer has the number tokens")
+    fourier.add_argument("--max-number", type=int, help="analyse 0..N (default: the longest run of number "
+                                                        "tokens from 0)")
+    fourier.add_argument("--layers", action="store_true", help="also the hidden state after every block")
+    fourier.add_argument("--top", type=int, default=5, help="dominant periods to report (default 5)")
+    fourier.add_argument("--out", help="folder for fourier.png and fourier.json (default <checkpoint>-fourier)")
+    fourier.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -454,14 +587,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(package).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except FANformerError as err:
         print(f"fanformer {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fanformer {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0  # None from the subcommands without a verdict
 
 
 if __name__ == "__main__":

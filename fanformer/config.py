@@ -18,6 +18,8 @@ from fanformer.errors import FANformerError
 
 NORM_SCHEMES = ("pre", "hybrid")
 FAN_ACTIVATIONS = ("identity", "gelu")
+HEADS = ("linear", "fourier")
+MIXERS = ("attention", "fftnet")
 
 
 def knob(default: Any, help: str) -> Any:
@@ -45,6 +47,12 @@ class FANformerConfig:
     max_seq_len: int = 128
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
+    head: str = knob("linear", "LM head: linear, or fourier (Fourier Head, arXiv 2410.22269: the vocabulary "
+                     "as ordered bins on [-1, 1], for numeric tokens)")
+    fourier_frequencies: int = knob(16, "Fourier head: frequencies N of its density")
+    fourier_reg: float = knob(1e-4, "Fourier head: weight of its smoothness penalty in the training loss")
+    mixer: str = knob("attention", "token mixer: attention (ATF), or fftnet (causal FFTNet, arXiv 2502.18394; "
+                      "no KV cache, decoding recomputes the prefix)")
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -53,7 +61,7 @@ class FANformerConfig:
 
     def _problems(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "ffn_dim", "max_seq_len"):
+                     "ffn_dim", "max_seq_len", "fourier_frequencies"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 yield f"{name} must be a positive integer, got {value!r}"
@@ -79,6 +87,21 @@ class FANformerConfig:
             yield f"dropout must be in [0, 1), got {self.dropout}"
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             yield "rope_theta and norm_eps must be positive"
+        if self.head not in HEADS:
+            yield f"head must be one of {HEADS}, got {self.head!r}"
+        if self.mixer not in MIXERS:
+            yield f"mixer must be one of {MIXERS}, got {self.mixer!r}"
+        if not self.fourier_reg >= 0:
+            yield f"fourier_reg must be >= 0, got {self.fourier_reg}"
+        if self.head == "fourier":
+            if self.tie_embeddings:
+                yield "head fourier has no weight to tie to the embedding: set tie_embeddings false"
+            if self.cola_lm_head:
+                yield "cola_lm_head applies to the linear head only, not head fourier"
+            if isinstance(self.fourier_frequencies, int) and isinstance(self.vocab_size, int) \
+                    and self.fourier_frequencies > self.vocab_size // 2:
+                yield (f"fourier_frequencies ({self.fourier_frequencies}) must be at most vocab_size / 2 "
+                       f"({self.vocab_size // 2}): higher frequencies alias between the bin centres")
 
     # Derived widths -----------------------------------------------------------
     @property

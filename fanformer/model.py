@@ -2,7 +2,9 @@
 helpers -> norm -> CoLA linear -> FAN layer -> ATF attention -> SwiGLU -> block -> model.
 
 Options from ../shared/ARCHITECTURE.md: HybridNorm (Zhuo et al. 2025, arXiv 2503.04598),
-CoLA low-rank layers (Liu et al. 2025, arXiv 2502.10940), gated residuals, GQA, RoPE.
+CoLA low-rank layers (Liu et al. 2025, arXiv 2502.10940), gated residuals, GQA, RoPE;
+config.mixer = "fftnet" swaps attention for a causal FFTNet mixer (fanformer/fftnet.py),
+config.head = "fourier" the linear LM head for a Fourier Head (fanformer/fourier_head.py).
 Shapes: B batch, T new tokens, S cached + new tokens, nh query heads, nkv key/value
 heads, hs head size, C d_model.
 """
@@ -16,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fanformer.config import FANformerConfig
+from fanformer.fftnet import CausalSpectralFilter
+from fanformer.fourier_head import FourierHead
 
 
 # --- Pure helpers -------------------------------------------------------------
@@ -192,6 +196,46 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+class FFTNetMixer(nn.Module):
+    """FFTNet(FANLayer'(X)) in attention's place: value projection, the causal adaptive
+    spectral filter with modReLU (fanformer/fftnet.py), output projection.
+
+    Its cache is the value history, which the filter convolves whole at every step. The
+    value width is that of attention's keys and values together, 2 nkv hs, so the history
+    goes into the KV-cache slots as they are (channels split over K and V): the KVCache,
+    transformers' caches and the ONNX export's past/present tensors all carry it unchanged.
+    """
+
+    def __init__(self, config: FANformerConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_kv_heads, self.head_dim = config.n_kv_heads, config.head_dim
+        width = 2 * config.n_kv_heads * config.head_dim
+        self.fan = FANLayer(config) if config.has_fan else None
+        self.v_proj = make_linear(config, config.d_model, width)
+        # HybridNorm normalises V in the blocks whose input it does not normalise.
+        self.v_norm = RMSNorm(width, config.norm_eps) if config.norm == "hybrid" and layer_idx > 0 else None
+        self.filter = CausalSpectralFilter(width, config.max_seq_len)
+        self.o_proj = make_linear(config, width, config.d_model)
+
+    def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        """Attention's call, but mask is the (B, S) real-token mask over cached + new tokens
+        (or None), and cos, sin go unused: positions are the filter's lags."""
+        B, T, _ = x.shape
+        if self.fan is not None:
+            x = self.fan(x)  # (B, T, C)
+        v = self.v_proj(x)  # (B, T, W)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        if mask is not None:
+            v = v * mask[:, -T:, None].to(v.dtype)  # padding adds nothing, now or later from the cache
+        if cache is not None:
+            halves = v.view(B, T, 2, self.n_kv_heads, self.head_dim).transpose(1, 3)  # (B, nkv, 2, T, hs)
+            k, v = cache.update(halves[:, :, 0], halves[:, :, 1], self.layer_idx)  # (B, nkv, S, hs) each
+            v = torch.stack([k, v], dim=2).transpose(1, 3).flatten(2)  # (B, S, W)
+        return self.o_proj(self.filter(v, mask, new=T))  # (B, T, C)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, config: FANformerConfig):
         super().__init__()
@@ -216,7 +260,8 @@ class Block(nn.Module):
         super().__init__()
         self.post_norm_ffn = config.norm == "hybrid"
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps) if (config.norm == "pre" or layer_idx == 0) else None
-        self.attn = Attention(config, layer_idx)
+        # The token mixer; named attn for either kind, so attention checkpoints keep their keys.
+        self.attn = FFTNetMixer(config, layer_idx) if config.mixer == "fftnet" else Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -248,7 +293,9 @@ class FANformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        if config.cola_lm_head:
+        if config.head == "fourier":
+            self.lm_head = FourierHead(config.d_model, config.vocab_size, config.fourier_frequencies)
+        elif config.cola_lm_head:
             self.lm_head = CoLALinear(config.d_model, config.vocab_size,
                                       config.cola_rank_for(config.d_model), bias=False)
         else:
@@ -271,18 +318,41 @@ class FANformer(nn.Module):
                     _init_linear(module, 1 / math.sqrt(2 * ffn * (i + 1)))
                 elif isinstance(module, (nn.Linear, CoLALinear)) and not name.endswith(("lora_a", "lora_b")):
                     _init_linear(module, 1 / math.sqrt(module.in_features))
-        if not self.config.tie_embeddings:
+        for module in self.modules():
+            if isinstance(module, CausalSpectralFilter):
+                module.reset_parameters()
+        if isinstance(self.lm_head, FourierHead):
+            self.lm_head.reset_parameters()
+        elif not self.config.tie_embeddings:
             _init_linear(self.lm_head, 1 / math.sqrt(d))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache=None, return_aux: bool = False):
         """Logits (B, T, vocab) for input_ids (B, T).
 
         attention_mask (B, S) marks real tokens (1) against padding (0) over the cached
         and new tokens; position_ids (B, T) default to the count of real tokens before
         each one. With no cache, no mask and no padding this is the plain causal
-        reference path.
+        reference path. With return_aux, (logits, aux) where aux is the auxiliary
+        training loss: the Fourier head's weighted smoothness penalty, else 0.
         """
+        if self.config.mixer == "fftnet":
+            cos = sin = None  # no positions: the filters' lags are them
+            mask = attention_mask  # (B, S) real tokens, or None
+        else:
+            cos, sin, mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
+        x = self.embed(input_ids)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache)
+        h = self.norm(x)
+        if return_aux and isinstance(self.lm_head, FourierHead):
+            logits, penalty = self.lm_head(h, return_penalty=True)
+            return logits, self.config.fourier_reg * penalty
+        logits = self.lm_head(h)  # (B, T, vocab)
+        return (logits, torch.zeros((), device=h.device)) if return_aux else logits
+
+    def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
+        """RoPE tables (B, 1, T, hs) and the attention mask (B, 1, T, S) or None."""
         B, T = input_ids.shape
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -294,10 +364,7 @@ class FANformer(nn.Module):
         mask = None  # the plain causal case, and one unpadded decode step, need none
         if attention_mask is not None or (past_len > 0 and T > 1):
             mask = attention_bias(attention_mask, past_len, T, B, input_ids.device)  # (B, 1, T, S)
-        x = self.embed(input_ids)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, cache)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return cos, sin, mask
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layers)

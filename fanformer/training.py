@@ -229,8 +229,10 @@ def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.opti
         x, y = windows(tokens, starts[first:first + config.batch_size], seq_len)
         last_micro = micro == config.grad_accum - 1
         with (contextlib.nullcontext() if last_micro or dist_info.world == 1 else net.no_sync()), autocast(device):
-            loss = lm_loss(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-        (loss / config.grad_accum).backward()
+            # aux: the Fourier head's smoothness penalty (0 for the linear head); the logged loss is the LM loss.
+            logits, aux = net(x.to(device, non_blocking=True), return_aux=True)
+            loss = lm_loss(logits, y.to(device, non_blocking=True))
+        ((loss + aux) / config.grad_accum).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 \
         else torch.zeros(())

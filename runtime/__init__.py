@@ -5,7 +5,7 @@ A backend module registers itself on import; importing it here makes it availabl
 `load_backend`. A new format is one new module and one line below.
 """
 
-from runtime import gguf_backend, onnx_backend, torch_backend  # noqa: F401  (register "gguf", "onnx", "pytorch")
+from runtime import gguf_backend, genai_backend, onnx_backend, torch_backend  # noqa: F401  (they register themselves)
 from runtime.backend import BACKENDS, Backend, BackendInfo, detect_format, load_backend
 from runtime.drift import Drift, drift, fp16_reference
 from runtime.generation import Generation, GenerationConfig, generate, reference_greedy

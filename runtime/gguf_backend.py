@@ -9,10 +9,26 @@ project's keys) and plain llama.cpp `llama` (p = 0, pre-norm, no CoLA, no gates;
 and K rows are un-permuted from llama.cpp's interleaved RoPE layout back to the
 rotate-half layout the model uses).
 
-How weights are held (nothing is kept in fp32 unless the file is fp32):
+How weights are held (nothing is kept in fp32 unless the file is fp32) and multiplied:
 
-- F32 / F16 / BF16 2-D weights are torch views of the memory map (no copy) and are
-  multiplied in their own dtype.
+- F32 2-D weights are torch views of the memory map (no copy), multiplied as the PyTorch
+  backend does (`F.linear`).
+- F16 weights are packed once into fbgemm's fp16 GEMM layout (the same two bytes a
+  weight; `quantized.linear_prepack_fp16`) and multiplied by `quantized.linear_dynamic_fp16`,
+  which widens them to fp32 in registers: fp32 activations and accumulation, so the result
+  is the fp32 product of the file's weights up to summation order, with no casts around
+  the call. (`F.linear` on fp16 tensors runs a generic oneDNN path that was slower than
+  fp32 here, and rounds the activations to fp16.)
+- BF16 weights go the same way, converted to fp16 at load: bf16 has 8 significant bits
+  to fp16's 11, so every weight with 2^-17 <= |w| <= 65504 converts exactly, and a
+  smaller one moves by at most 2^-25 (fp16's subnormal step), far below bf16's own
+  rounding of any weight that matters. A tensor with |w| > 65504 keeps bf16, reordered
+  once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) for
+  `mkldnn._linear_pointwise` on bf16 activations; that path is exact in the weights but
+  measured slower than fp32 on a small model (each call costs about as much as fbgemm's,
+  plus two casts), hence fp16 first. Both hold two bytes a weight.
+- Without fbgemm / oneDNN bf16 (non-x86 builds), 16-bit weights are views of the memory
+  map multiplied by `F.linear` in their own dtype.
 - Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights (block layouts of ggml-quants.c, as in
   gguf.quants) are written as a sum of 4-bit planes with a scale and a zero per block
   of 32 (`int4_planes`) and packed once at load for torch's CPU int4 group-wise kernel
@@ -20,7 +36,9 @@ How weights are held (nothing is kept in fp32 unless the file is fp32):
   4-bit types, two for 5- and 8-bit ones, concatenated along the input so one kernel
   call sums them. The packed planes take the same bytes as the blocks (8-bit: +17 %
   for the second plane's scales). The kernel runs on bf16 activations and bf16
-  scales; every other part of the model stays fp32.
+  scales (its fp32 path is a slow reference loop); every other part of the model stays
+  fp32. torch has no CPU kernel for int8 with a scale per block of 32
+  (`aten._weight_int8pack_mm` takes one scale per row), hence the two planes for Q8_0.
 - The token embedding keeps its raw blocks (a view of the memory map) and only the
   rows a step looks up are dequantized, with the pure `dequantize_*` functions below.
 """
@@ -52,6 +70,8 @@ FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 QUANT_TYPES = (Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1)
 TORCH_FLOAT = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 INT4_GROUP = 32  # every supported q* type has blocks of 32, one kernel group each
+HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds of torch
+HAS_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # --- Block layouts: pure dequantization (ggml-quants.c's layouts, in torch) ----------
@@ -143,8 +163,9 @@ def int4_planes(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> list[tuple
 # --- Layers over GGUF tensors ----------------------------------------------------------
 
 class DenseLinear(nn.Module):
-    """y = x W^T + b with W kept in the file's float type (a view of the memory map);
-    a 16-bit W multiplies 16-bit activations, the result comes back as float32."""
+    """y = x W^T + b with W kept in the file's float type (a view of the memory map); a
+    16-bit W multiplies 16-bit activations, the result comes back as float32. F32 files
+    use it, and 16-bit ones where torch lacks the kernels below."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -155,6 +176,37 @@ class DenseLinear(nn.Module):
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x.to(self.weight.dtype), self.weight).float()
+        return y if self.bias is None else y + self.bias
+
+
+class Fp16Linear(nn.Module):
+    """y = x W^T + b with an F16 W in fbgemm's packed fp16 layout: fp32 in, fp32 out."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)  # an opaque fbgemm object
+
+    def held_bytes(self) -> int:
+        """What the packed weight holds: 2 bytes a weight, as in the file (fbgemm pads to its
+        block sizes; 0.6 % more resident memory for a 8192 x 2048 weight, measured)."""
+        return 2 * self.out_features * self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+class Bf16Linear(nn.Module):
+    """y = x W^T + b with a BF16 W in oneDNN's blocked layout; bf16 activations, fp32 result."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        # A batch size of 1 lays the weight out for decode; prefill's bigger batches still run on it.
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, None, "none", [], "").float()
         return y if self.bias is None else y + self.bias
 
 
@@ -191,22 +243,23 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
         if self.n_planes > 1:
-            x = torch.cat([x] * self.n_planes, dim=1)  # (M, planes * in)
+            x = x.repeat(1, self.n_planes)  # (M, planes * in)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
-        y = y[:, :self.out_features].float()  # (M, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]  # (M, out): drop the padding rows
+        y = y.view(*shape[:-1], self.out_features).float()
+        return y if self.bias is None else y + self.bias
 
 
 class SharedInputLinear(nn.Module):
     """Linear layers that read the same input (Q, K, V; SwiGLU's gate and up), run as one
     matrix: one kernel call instead of three, which is most of a small model's decode
-    step. Each member returns its slice of the joint output. The joint output is
-    computed when a member is called with an input other than the one held, and is
-    released once every member has taken its slice, so no call pattern can see a
-    stale result unless a tensor is modified in place between sibling calls (the
-    model never does that).
+    step. Each member returns its slice of the joint output. The first member always
+    computes the joint output, and another one does when its input is not the tensor
+    held; the last member releases it. So no call pattern can see a stale result unless
+    a tensor is modified in place between sibling calls (the model never does that), and
+    the model's order (first to last) computes once. This runs per layer per token, so it
+    is kept to two comparisons.
     """
 
     def __init__(self, linear: nn.Module, widths: list[int]):
@@ -215,16 +268,14 @@ class SharedInputLinear(nn.Module):
         bounds = np.cumsum([0] + widths).tolist()
         # A plain list: the members own this module (as their child), not the other way round.
         self.members = [OutputSlice(self, i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        self.last = len(widths) - 1
         self._input = self._output = None
-        self._waiting: set[int] = set()
 
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        if x is not self._input or member not in self._waiting:
+        if member == 0 or x is not self._input:
             self._input, self._output = x, self.linear(x)
-            self._waiting = set(range(len(self.members)))
         out = self._output
-        self._waiting.discard(member)
-        if not self._waiting:
+        if member == self.last:
             self._input = self._output = None
         return out
 
@@ -253,9 +304,22 @@ class GGUFEmbedding(nn.Module):
 
 def make_linear(data: torch.Tensor, qtype: GGMLQuantizationType, bias: torch.Tensor | None) -> nn.Module:
     if qtype in FLOAT_TYPES:
-        return DenseLinear(data.view(TORCH_FLOAT[qtype]), bias)
+        return float_linear(data.view(TORCH_FLOAT[qtype]), bias)
     _, type_size = GGML_QUANT_SIZES[qtype]
     return Int4Linear(data.unflatten(-1, (-1, type_size)), qtype, bias)
+
+
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The layer for an F32 / F16 / BF16 weight on this torch build (see the module docstring)."""
+    if weight.dtype == torch.float32:
+        return DenseLinear(weight, bias)
+    if HAS_FBGEMM:
+        as_fp16 = weight.to(torch.float16)  # a copy for bf16, freed once packed
+        if weight.dtype == torch.float16 or bool(as_fp16.isfinite().all()):
+            return Fp16Linear(as_fp16, bias)
+    if weight.dtype == torch.bfloat16 and HAS_ONEDNN_BF16:
+        return Bf16Linear(weight, bias)
+    return DenseLinear(weight, bias)
 
 
 # --- Reading the file: header, config, tokenizer ------------------------------------
@@ -415,9 +479,12 @@ def _gguf_shape(tensor) -> tuple[int, ...]:
 
 
 def _release_load_memory(reader: GGUFReader) -> None:
-    """Packing read every quantized tensor once and went through transient int32 copies:
-    drop those file pages (pages still in use fault back in) and hand freed heap back to
-    the OS (glibc keeps it otherwise), so resident memory is what the model holds."""
+    """Packing reads a tensor from the file and goes through transient copies (int32
+    planes, fbgemm's fp32 staging): drop the file pages read so far (pages still in use
+    fault back in; nothing ever writes to the copy-on-write map) and hand freed heap back
+    to the OS (glibc keeps it otherwise). Run after each layer is packed, so the load
+    never holds the file and its repacked copy at once, and resident memory is what the
+    model holds."""
     mapped = getattr(reader.data, "_mmap", None)
     if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapped.madvise(mmap.MADV_DONTNEED)
@@ -450,16 +517,16 @@ class GGUFBackend(Backend):
         self.config = config_from_metadata(meta, arch, set(tensors))
         self.arch = arch
         self.tokenizer, ids = tokenizer_from_metadata(meta)
-        self.module = self._build(tensors, path)
-        _release_load_memory(reader)
+        self.module = self._build(tensors, path, lambda: _release_load_memory(reader))
         weight_types = "+".join(sorted({t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1}))
         self.info = BackendInfo(format="gguf", path=str(path), vocab_size=self.config.vocab_size,
                                 max_seq_len=self.config.max_seq_len, dtype=f"fp32 ({weight_types} weights)",
                                 device="cpu", **ids)
 
-    def _build(self, tensors: dict, path: Path) -> FANformer:
+    def _build(self, tensors: dict, path: Path, release_load_memory) -> FANformer:
         """The model on the meta device, then every tensor put in place: 2-D weights as
-        GGUF layers, 1-D ones (norms, biases, gates) as float32 parameters."""
+        GGUF layers, 1-D ones (norms, biases, gates) as float32 parameters.
+        `release_load_memory()` runs after each layer is built."""
         config = self.config
         with torch.device("meta"):
             model = FANformer(config)
@@ -488,6 +555,7 @@ class GGUFBackend(Backend):
             if len(qtypes) > 1 or Q.F32 in qtypes or any(f"{m}.bias" in state for m in members):
                 continue  # F32 weights stay zero-copy views of the file
             joint = make_linear(torch.cat([data for data, _ in weights]), qtypes.pop(), None)
+            release_load_memory()
             shared = SharedInputLinear(joint, [data.shape[0] for data, _ in weights])
             for name, member in zip(members, shared.members):
                 _set_submodule(model, name, member)
@@ -500,6 +568,7 @@ class GGUFBackend(Backend):
                 bias = state.get(f"{owner_name}.bias")
                 bias = None if bias is None else dequantize(*bias).clone()
                 _set_submodule(model, owner_name, make_linear(data, qtype, bias))
+                release_load_memory()
             elif owner_name not in linears:  # norms and residual gates
                 module = model.get_submodule(owner_name) if owner_name else model
                 module._parameters[leaf] = nn.Parameter(dequantize(data, qtype).clone(), requires_grad=False)
@@ -521,9 +590,11 @@ class GGUFBackend(Backend):
         return torch.from_numpy(tensor.data), qtype  # BF16 comes as bytes: (rows, 2 n) uint8
 
     def weight_bytes(self) -> int:
-        """Bytes of every tensor the model holds (weights, packed planes, norms)."""
+        """Bytes of every tensor the model holds (weights, packed planes, norms), and of the
+        packed weights that fbgemm keeps outside torch tensors."""
         tensors = {id(t): t for t in list(self.module.parameters()) + list(self.module.buffers())}.values()
-        return sum(t.numel() * t.element_size() for t in tensors)
+        opaque = {id(m): m for m in self.module.modules() if isinstance(m, Fp16Linear)}.values()
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(m.held_bytes() for m in opaque)
 
     def new_cache(self, batch_size: int):
         return self.module.new_cache()

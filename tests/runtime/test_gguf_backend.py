@@ -1,7 +1,8 @@
 """Tests for runtime/gguf_backend.py: the block layouts against gguf-py's own
-dequantization, the 4-bit kernel planes, a GGUF file against the checkpoint it came
-from (f32 exactly, f16 / q8_0 within measured drift, llama-arch un-permuted), the
-embedded tokenizer, weights held quantized, and one clear error per kind of bad file."""
+dequantization, the 4-bit kernel planes, the 16-bit kernels and the shared-input layer
+against plain fp32 matmuls, a GGUF file against the checkpoint it came from (f32
+exactly, f16 / q8_0 within measured drift, llama-arch un-permuted), the embedded
+tokenizer, weights held quantized, and one clear error per kind of bad file."""
 
 import json
 import logging
@@ -20,7 +21,8 @@ from fanformer.cli import main
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer
 from runtime import drift, eval_tokens, generate, load_backend, reference_greedy
-from runtime.gguf_backend import DEQUANTIZE, Int4Linear, dequantize, int4_planes
+from runtime.gguf_backend import (DEQUANTIZE, HAS_FBGEMM, HAS_ONEDNN_BF16, Bf16Linear, DenseLinear, Fp16Linear,
+                                  Int4Linear, SharedInputLinear, dequantize, float_linear, int4_planes)
 from runtime.generation import GenerationConfig
 from runtime.torch_backend import TorchBackend
 
@@ -89,6 +91,61 @@ def test_int4_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
     monkeypatch.setattr(Int4Linear, "PACK_ROWS", 64)
     chunked = Int4Linear(raw, Q.Q8_0, None)
     assert torch.equal(chunked.packed, at_once.packed) and torch.equal(chunked.scales_zeros, at_once.scales_zeros)
+
+
+# --- 16-bit kernels and the shared-input layer -------------------------------------
+
+@pytest.mark.skipif(not HAS_FBGEMM, reason="fbgemm (x86 builds of torch) runs the fp16 kernel")
+def test_f16_kernel_is_the_fp32_product_of_the_f16_weights():
+    weight = (torch.randn(40, 64) / 8).half()
+    bias = torch.randn(40)
+    linear = float_linear(weight, bias)
+    assert isinstance(linear, Fp16Linear)
+    x = torch.randn(3, 5, 64)
+    # fp32 activations and accumulation: only the order of summation differs.
+    torch.testing.assert_close(linear(x), F.linear(x, weight.float(), bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_FBGEMM, reason="fbgemm (x86 builds of torch) runs the fp16 kernel")
+def test_bf16_weights_run_as_fp16_within_its_subnormal_step():
+    weight = (torch.randn(40, 64) / 8).bfloat16()
+    # 65280: the largest bf16 in fp16's range (65504 is not a bf16).
+    weight[0, :8] = torch.tensor([3e-9, -1e-7, 2 ** -17, 2 ** -20 * 1.5, 6e-5, -65280.0, 1e-38, 0.0])
+    as_fp16 = weight.to(torch.float16).float()
+    big = weight.float().abs() >= 2 ** -17
+    assert torch.equal(as_fp16[big], weight.float()[big])  # exact from 2^-17 up
+    assert float((as_fp16 - weight.float()).abs().max()) <= 2 ** -25  # below it, fp16's subnormal step
+    linear = float_linear(weight, None)
+    assert isinstance(linear, Fp16Linear)
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(linear(x), F.linear(x, weight.float()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (HAS_FBGEMM and HAS_ONEDNN_BF16), reason="needs fbgemm and oneDNN bf16 (x86 torch)")
+def test_bf16_weights_beyond_fp16_range_stay_bf16():
+    weight = (torch.randn(40, 64) / 8).bfloat16()
+    weight[3, 5] = 1e5  # no fp16 for this: the tensor keeps bf16 on oneDNN
+    bias = torch.randn(40)
+    linear = float_linear(weight, bias)
+    assert isinstance(linear, Bf16Linear)
+    x = torch.randn(3, 5, 64)
+    expected = F.linear(x.bfloat16().float(), weight.float())  # bf16 activations
+    # The product is rounded to bf16 (8-bit significand), then the fp32 bias is added.
+    torch.testing.assert_close(linear(x) - bias, expected, rtol=2 ** -8, atol=1e-5)
+
+
+def test_shared_input_members_agree_with_separate_layers_in_any_call_order():
+    weights = [torch.randn(n, 16) for n in (8, 4, 4)]
+    shared = SharedInputLinear(DenseLinear(torch.cat(weights), None), [8, 4, 4])
+    q, k, v = shared.members
+    x, y = torch.randn(2, 16), torch.randn(2, 16)
+    calls = [(q, x), (k, x), (v, x),  # the model's order: one joint matmul
+             (k, y), (q, y), (v, y),  # a new input reaching a later member first
+             (q, x), (q, y), (k, y),  # a member called twice
+             (v, x), (v, x)]  # the last member with no first member before it
+    for member, inp in calls:
+        i = shared.members.index(member)
+        torch.testing.assert_close(member(inp), F.linear(inp, weights[i]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("type_", ["f16", "bf16"])
