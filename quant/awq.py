@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from fanformer.model import CoLALinear, RMSNorm
+from fanformer.model import Attention, CoLALinear, RMSNorm
 from quant.config import AWQConfig
 from quant.grid import QuantizedWeight, choose_qparams, dequantize, quantize
 from quant.rtn import rtn_quantize
@@ -118,9 +118,24 @@ def _identity_group(name, readers, fold, inspect) -> ScaleGroup:
 def block_groups(model: nn.Module, prefix: str) -> list[ScaleGroup]:
     """The foldable groups of one stage, in the order the module runs them."""
     if prefix == "lm_head":
+        if not isinstance(model.lm_head, (nn.Linear, CoLALinear)):  # e.g. the Fourier head: clipping only
+            return []
         return [_identity_group("lm_head", [reader(model.lm_head)], fold_into_norm(model.norm), "lm_head")]
     block = model.blocks[int(prefix.split(".")[1])]
     attn, ffn, cfg = block.attn, block.ffn, model.config
+    groups = []
+    if isinstance(attn, Attention):
+        groups += _attention_groups(block, attn, cfg, prefix)
+    if not block.post_norm_ffn:
+        groups.append(_identity_group(f"{prefix}ffn_norm", [reader(ffn.gate_proj), reader(ffn.up_proj)],
+                                      fold_into_norm(block.ffn_norm), "ffn"))
+    groups.append(_identity_group(f"{prefix}ffn.up_proj", [reader(ffn.down_proj)], fold_into_rows(writer(ffn.up_proj)),
+                                  "ffn.down_proj"))
+    return groups
+
+
+def _attention_groups(block, attn, cfg, prefix: str) -> list[ScaleGroup]:
+    """ATF attention's fold points (another mixer, e.g. FFTNet, gets clipping only)."""
     groups = []
     qkv = [reader(attn.q_proj), reader(attn.k_proj), reader(attn.v_proj)]
     first = [reader(attn.fan.proj)] if attn.fan is not None else qkv
@@ -137,11 +152,6 @@ def block_groups(model: nn.Module, prefix: str) -> list[ScaleGroup]:
         index = (column // hs // per_kv) * hs + column % hs  # O column -> the V channel it reads
         groups.append(ScaleGroup(f"{prefix}attn.v_proj", [reader(attn.o_proj)], fold_into_rows(writer(attn.v_proj)),
                                  index, "attn.o_proj", attn.n_kv_heads * hs))
-    if not block.post_norm_ffn:
-        groups.append(_identity_group(f"{prefix}ffn_norm", [reader(ffn.gate_proj), reader(ffn.up_proj)],
-                                      fold_into_norm(block.ffn_norm), "ffn"))
-    groups.append(_identity_group(f"{prefix}ffn.up_proj", [reader(ffn.down_proj)], fold_into_rows(writer(ffn.up_proj)),
-                                  "ffn.down_proj"))
     return groups
 
 
@@ -326,8 +336,6 @@ def awq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: AWQCo
 
 def _runner(module: nn.Module, inputs: list[torch.Tensor], run: Stages) -> Callable[[], list[torch.Tensor]]:
     """The inspected module on its recorded inputs (attention needs the RoPE tables)."""
-    from fanformer.model import Attention
-
     if isinstance(module, Attention):
         return lambda: [module(x, run.cos, run.sin, None) for x in inputs]
     return lambda: [module(x) for x in inputs]

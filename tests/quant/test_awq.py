@@ -17,7 +17,7 @@ from quant.calibration import calibration_tokens
 
 OPTIONS = [dict(), dict(norm="hybrid"), dict(cola_rank=0.25, cola_lm_head=True), dict(fan_activation="gelu"),
            dict(p=0), dict(gated_residual=True, n_kv_heads=4), dict(n_kv_heads=1),
-           dict(norm="hybrid", cola_rank=0.5, p=0.4)]
+           dict(norm="hybrid", cola_rank=0.5, p=0.4), dict(mixer="fftnet")]
 
 
 def stages(model):
@@ -38,6 +38,22 @@ def test_folding_random_scales_leaves_logits_unchanged(options):
             apply_scales(group, torch.rand(group.n_free) * 4 + 0.1)
         torch.testing.assert_close(model(ids), reference, atol=2e-5, rtol=1e-4)
     assert groups  # the LM head's norm is always a fold point
+
+
+@pytest.mark.parametrize("options, lm_head", [(dict(mixer="fftnet"), True),
+                                              (dict(head="fourier", fourier_frequencies=8), False)])
+def test_other_mixers_and_heads_quantize(options, lm_head):
+    """Blocks without ATF attention get the FFN fold points and clipping; the result runs."""
+    torch.manual_seed(0)
+    model = FANformer(FANformerConfig(vocab_size=96, d_model=64, n_layers=2, ffn_dim=96, **options)).eval()
+    calibration = torch.randint(0, 96, (4, 32))
+    config = AWQConfig(bits=4, group_size=32, calib_samples=4, calib_seq_len=32, lm_head=lm_head)
+    with torch.no_grad():
+        reference = model(calibration).log_softmax(-1)
+        report = quantize(model, config, calibration, progress=False)
+        out = model(calibration).log_softmax(-1)
+    assert report["layers"] and torch.isfinite(out).all()
+    assert (out.exp() * (out - reference)).sum(-1).mean() < 0.05  # KL stays small: a working model
 
 
 def test_fold_points_follow_the_architecture():
