@@ -175,6 +175,9 @@ def _add(name: str, format: str, method: str, bits: int, build: Build | None, ar
 BNB = importable("bitsandbytes", "bitsandbytes")
 GENAI = importable("onnxruntime_genai", "onnxruntime-genai")
 GGUF_FILE = "{}.gguf"
+# ONNX, GGUF and genai files run on the CPU (the edge case; a CPU-only onnxruntime cannot do
+# otherwise, and the GGUF backend is CPU-only); onnx-fp16-cuda is the GPU row.
+CPU = ("cpu",)
 
 _add("pytorch-fp16", "pytorch", "fp16 weights and compute", 16, cast("fp16"), load={"dtype": "fp16"})
 _add("pytorch-bf16", "pytorch", "bf16 weights and compute", 16, cast("bf16"), load={"dtype": "bf16"})
@@ -184,18 +187,19 @@ _add("rtn-w4g128", "pytorch", "RTN, groups of 128", 4, quantized("rtn", bits=4, 
 _add("gptq-w4g128", "pytorch", "GPTQ, groups of 128", 4, quantized("gptq", bits=4, group_size=128))
 _add("awq-w4g128", "pytorch", "AWQ, groups of 128", 4, quantized("awq", bits=4, group_size=128))
 _add("gptq-w4g32", "pytorch", "GPTQ, groups of 32", 4, quantized("gptq", bits=4, group_size=32))
-_add("onnx-fp32", "onnx", "fp32", 32, exported("onnx", dtype="fp32"))
-_add("onnx-fp16", "onnx", "fp16 weights and compute", 16, exported("onnx", dtype="fp16"))
-_add("onnx-int8", "onnx", "dynamic int8 (MatMulInteger)", 8, exported("onnx", quantize="int8"), devices=("cpu",))
-_add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32", 4, exported("onnx", quantize="int4"))
+_add("onnx-fp32", "onnx", "fp32", 32, exported("onnx", dtype="fp32"), devices=CPU)
+_add("onnx-fp16", "onnx", "fp16 weights and compute", 16, exported("onnx", dtype="fp16"), devices=CPU)
+_add("onnx-int8", "onnx", "dynamic int8 (MatMulInteger)", 8, exported("onnx", quantize="int8"), devices=CPU)
+_add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32", 4, exported("onnx", quantize="int4"), devices=CPU)
 for _type, _bits in (("f16", 16), ("q8_0", 8), ("q5_0", 5), ("q4_0", 4), ("q4_1", 4)):
     _add(f"gguf-{_type}", "gguf", _type, _bits, exported("gguf", type=_type), GGUF_FILE.format(f"gguf-{_type}"),
-         devices=("cpu",))
+         devices=CPU)
 _add("gptq-w4g32-gguf", "gguf", "GPTQ g32 carried into q4_0", 4, exported("gguf"), GGUF_FILE.format("gptq-w4g32"),
-     source="gptq-w4g32", devices=("cpu",))
-_add("gptq-w4g128-onnx", "onnx", "GPTQ g128 carried into MatMulNBits", 4, exported("onnx"), source="gptq-w4g128")
+     source="gptq-w4g32", devices=CPU)
+_add("gptq-w4g128-onnx", "onnx", "GPTQ g128 carried into MatMulNBits", 4, exported("onnx"), source="gptq-w4g128",
+     devices=CPU)
 _add("genai", "genai", "onnxruntime-genai on the onnx-fp32 folder", 32, None, source="onnx-fp32",
-     load={"format": "genai"}, devices=("cpu",), requires=GENAI)
+     load={"format": "genai"}, devices=CPU, requires=GENAI)
 _add("onnx-fp16-cuda", "onnx", "fp16 on the CUDA execution provider", 16, None, source="onnx-fp16",
      load={"device": "cuda"}, requires=cuda_execution_provider)
 
