@@ -29,7 +29,6 @@ Here, for a checkpoint:
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +36,6 @@ import numpy as np
 import torch
 
 from fanformer.errors import FANformerError
-
-log = logging.getLogger(__name__)
 
 MIN_NUMBERS = 4  # below this there is no spectrum worth the name
 PLOT_FILE = "fourier.png"

@@ -24,26 +24,40 @@ Choices, each one a place where the paper gives no number:
   the p = 0 Transformer lacks; the Transformer gets the FFN width that brings its
   count closest to FANformer's (`matched_transformer`), within a fraction of a
   percent for the default shape.
-- **Training** is grokking-style (Power et al. 2022; Nanda et al. 2023): AdamW with
-  weight decay 1.0 on the matrices (not on norms and biases, as in
-  `fanformer.training.param_groups`), betas (0.9, 0.98), linear warmup then a constant
-  learning rate, minibatches drawn with replacement from a generator seeded by the
-  run's seed. Both models of a seed see the same batches in the same order; their
-  initial weights come from the same seed (they differ only where the shapes do).
-- **Accuracy** is greedy: the argmax over the whole vocabulary at `=` must be c.
+- **Model** (defaults): d = 128, 2 pre-norm blocks, 4 heads, untied embeddings;
+  FANformer p = 0.25 with FFN 512, the Transformer p = 0 with FFN 544 (579,904 against
+  579,712 parameters on add_mod, 0.03% apart).
+- **Training** is grokking-style (Power et al. 2022; Nanda et al. 2023): AdamW, lr 1e-3,
+  betas (0.9, 0.98), weight decay 1.0 on the matrices (not on norms and biases, as in
+  `fanformer.training.param_groups`), 50 warmup steps then a constant learning rate,
+  600 steps of 512 pairs drawn with replacement from a generator seeded by the run's
+  seed. Both models of a seed see the same batches in the same order, and the same
+  seed initialises both (their weights differ, as their shapes do).
+- **Accuracy** is greedy: the argmax over the whole vocabulary at `=` must be c. It is
+  taken over the whole grid every `eval_every` steps (`curves.png`), because the square
+  can fill in long after the training pairs are fitted (grokking): a single number at
+  one step is a snapshot of that race, and the curves show which side of it a run is on.
+- **Runs** (task x model x seed) are independent and each runs on one thread, `jobs` of
+  them at a time in spawned worker processes. One thread per run because these models
+  are small: a second OpenMP thread gains little, and on a busy machine its spin-waits
+  make a step many times slower; and a run's numbers then do not depend on `jobs`.
 
 Each trained model is a normal project checkpoint (`fanformer generate
 runs/modular/add_mod/fanformer-seed0 --prompt "12 34 =" --max-new-tokens 1 --greedy`,
-`fanformer analyze fourier ...`); `results.json` and `heatmaps.png` sit beside them.
+`fanformer analyze fourier ...`); `results.json`, `heatmaps.png` (accuracy over (a, b),
+mean over seeds, one panel per model and task, the square outlined) and `curves.png`
+sit beside them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +73,6 @@ from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
 from fanformer.tokenizer import BOS, EOS, PAD
 from fanformer.training import param_groups
-
-log = logging.getLogger(__name__)
 
 SQUARE = 21  # side of the held-out square, as in the paper
 EQUALS = "="
@@ -140,7 +152,7 @@ class ExperimentConfig:
     """What `fanformer experiment modular` trains; the flags are these fields."""
     tasks: tuple[str, ...] = ("add_mod", "linear")
     seeds: int = knob(3, "seeds 0..N-1; each trains both models")
-    steps: int = knob(1000, "optimizer steps per model")
+    steps: int = knob(600, "optimizer steps per model")
     batch_size: int = knob(512, "pairs per step, drawn with replacement (>= the training set: full batch)")
     lr: float = knob(1e-3, "AdamW learning rate after warmup (constant)")
     weight_decay: float = knob(1.0, "AdamW weight decay on matrices")
@@ -151,14 +163,18 @@ class ExperimentConfig:
     n_heads: int = 4
     ffn_dim: int = knob(512, "FANformer's FFN width; the Transformer's is matched to its parameter count")
     p: float = knob(0.25, "FANformer's periodicity ratio (the Transformer has p = 0)")
+    jobs: int = knob(0, "runs trained at once, one thread each; 0 = one per CPU core")
     head: str = knob("linear", "LM head of both models: linear, or fourier (Fourier Head over the ordered "
                      "number tokens)")
+    fourier_frequencies: int = knob(16, "frequencies of the Fourier head's density (with --head fourier)")
     extra: dict = field(default_factory=dict)  # further FANformerConfig fields for both models (Python API)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise FANformerError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+        if self.jobs < 0:
+            raise FANformerError(f"jobs must be >= 0 (0 = one per CPU core), got {self.jobs}")
         for name in ("seeds", "steps", "batch_size", "eval_every", "d_model", "n_layers", "n_heads", "ffn_dim"):
             if getattr(self, name) <= 0:
                 raise FANformerError(f"{name} must be positive, got {getattr(self, name)}")
@@ -178,7 +194,8 @@ def fanformer_config(config: ExperimentConfig, vocab_size: int) -> FANformerConf
     return FANformerConfig(vocab_size=vocab_size, d_model=config.d_model, n_layers=config.n_layers,
                            n_heads=config.n_heads, n_kv_heads=config.n_heads,
                            head_dim=config.d_model // config.n_heads, ffn_dim=config.ffn_dim, max_seq_len=8,
-                           p=config.p, norm="pre", head=config.head, **config.extra)
+                           p=config.p, norm="pre", head=config.head,
+                           fourier_frequencies=config.fourier_frequencies, **config.extra)
 
 
 def parameter_count(config: FANformerConfig) -> int:
@@ -206,17 +223,15 @@ def model_configs(config: ExperimentConfig, vocab_size: int) -> dict[str, FANfor
 # --- Training and evaluation ---------------------------------------------------------
 
 def train_model(model_config: FANformerConfig, inputs: torch.Tensor, targets: torch.Tensor,
-                config: ExperimentConfig, seed: int, evaluate=None, progress: bool = False,
-                desc: str = "train") -> tuple[FANformer, list[dict]]:
-    """Train a fresh model on (inputs, targets); `evaluate(model, step)` -> dict is
-    called every `eval_every` steps and at the end. Returns the model and those records."""
+                config: ExperimentConfig, seed: int, evaluate=None) -> tuple[FANformer, list[dict]]:
+    """Train a fresh model on (inputs, targets); `evaluate(model)` -> dict is called every
+    `eval_every` steps and at the end. Returns the model and those records."""
     torch.manual_seed(seed)
     model = FANformer(model_config).train()
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98))
     batches = torch.Generator().manual_seed(seed)
     full_batch = config.batch_size >= len(inputs)
     history = []
-    bar = tqdm(total=config.steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for step in range(1, config.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
@@ -226,13 +241,9 @@ def train_model(model_config: FANformerConfig, inputs: torch.Tensor, targets: to
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
         optimizer.step()
-        bar.update(1)
         if evaluate is not None and (step % config.eval_every == 0 or step == config.steps):
-            record = {"step": step, "loss": round(loss.item(), 5), **evaluate(model, step)}
-            history.append(record)
-            bar.set_postfix({k: v for k, v in record.items() if k != "step"})
+            history.append({"step": step, "loss": round(loss.item(), 5), **evaluate(model)})
             model.train()
-    bar.close()
     return model.eval(), history
 
 
@@ -256,17 +267,93 @@ def split_accuracy(task: Task, acc: np.ndarray) -> dict[str, float]:
 
 # --- The experiment --------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Run:
+    task: str
+    model: str  # "fanformer" or "transformer"
+    seed: int
+
+
+def train_and_save(run: Run, model_config: FANformerConfig, config: ExperimentConfig, out: Path) -> tuple[dict, np.ndarray]:
+    """One model of one seed on one task, on one thread: train, evaluate over the grid, save
+    the checkpoint out/TASK/MODEL-seedK. Returns its results entry and its accuracy grid.
+
+    One thread, whatever the caller's setting, so a run gives the same numbers in the
+    main process and in a worker; the experiment uses the cores by running several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        task, tokenizer = TASKS[run.task], task_tokenizer(TASKS[run.task])
+        inputs, targets = examples(tokenizer, task, *training_pairs(task))
+
+        def evaluate(model):
+            return {k: round(v, 4) for k, v in split_accuracy(task, accuracy_grid(model, tokenizer, task)).items()}
+
+        model, history = train_model(model_config, inputs, targets, config, run.seed, evaluate)
+        acc = accuracy_grid(model, tokenizer, task)
+        entry = {"seed": run.seed, **split_accuracy(task, acc), "seconds": round(time.perf_counter() - started, 1)}
+        checkpoint = out / run.task / f"{run.model}-seed{run.seed}"
+        summary = {"task": run.task, "formula": task.formula, "model": run.model, "square": square_bounds(task),
+                   **entry}
+        save_checkpoint(checkpoint, model, tokenizer, extra_files={RUN_FILE: json.dumps(summary, indent=2)})
+        return {**entry, "checkpoint": str(checkpoint), "history": history}, acc
+    finally:
+        torch.set_num_threads(threads)
+
+
+def square_bounds(task: Task) -> dict[str, list[int]]:
+    a0, b0 = task.square
+    return {"a": [a0, a0 + SQUARE - 1], "b": [b0, b0 + SQUARE - 1]}
+
+
 def run_experiment(config: ExperimentConfig, out: str | Path, force: bool = False,
                    progress: bool = True) -> dict:
-    """Train FANformer and the matched Transformer on every task and seed, save each as a
-    checkpoint under out/TASK/MODEL-seedK, and write results.json, heatmaps.png and
-    curves.png into `out`. Returns the results."""
+    """Train FANformer and the matched Transformer on every task and seed, `config.jobs`
+    runs at a time, save each as a checkpoint under out/TASK/MODEL-seedK, and write
+    results.json, heatmaps.png and curves.png into `out`. Returns the results."""
     out = check_output_dir(out, force)
+    started = time.perf_counter()
+    configs = {name: model_configs(config, task_tokenizer(TASKS[name]).get_vocab_size()) for name in config.tasks}
+    runs = [Run(task, model, seed) for task in config.tasks for seed in range(config.seeds) for model in configs[task]]
+    finished: dict[Run, tuple[dict, np.ndarray]] = {}
+    bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+
+    def done(run: Run, result: tuple[dict, np.ndarray]) -> None:
+        finished[run] = result
+        bar.update(1)
+        if progress:
+            bar.write(f"{run.task} {run.model} seed {run.seed}: train acc {result[0]['train_acc']:.4f}, "
+                      f"square acc {result[0]['square_acc']:.4f} ({result[0]['seconds']:.0f} s)")
+
+    jobs = min(config.jobs or os.cpu_count() or 1, len(runs))
+    if jobs == 1:
+        for run in runs:
+            done(run, train_and_save(run, configs[run.task][run.model], config, out))
+    else:
+        # spawn, not fork: a forked child of a process that has started OpenMP threads can hang.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_and_save, run, configs[run.task][run.model], config, out): run
+                       for run in runs}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+    bar.close()
+
     results: dict = {"config": dataclasses.asdict(config), "square_size": SQUARE, "tasks": {}}
     mean_grids: dict[str, dict[str, np.ndarray]] = {}
-    started = time.perf_counter()
     for task_name in config.tasks:
-        results["tasks"][task_name], mean_grids[task_name] = run_task(TASKS[task_name], config, out, progress)
+        task = TASKS[task_name]
+        n_train = task.size ** 2 - SQUARE ** 2
+        models = {}
+        for name, model_config in configs[task_name].items():
+            entries = [finished[Run(task_name, name, seed)] for seed in range(config.seeds)]
+            models[name] = {"parameters": parameter_count(model_config), "p": model_config.p,
+                            "ffn_dim": model_config.ffn_dim, **summarize([entry for entry, _ in entries]),
+                            "runs": [entry for entry, _ in entries]}
+            mean_grids.setdefault(task_name, {})[name] = np.mean([acc for _, acc in entries], axis=0)
+        results["tasks"][task_name] = {"formula": task.formula, "operand_range": [0, task.size - 1],
+                                       "square": square_bounds(task), "train_examples": n_train,
+                                       "square_examples": SQUARE ** 2, "models": models}
     results["seconds"] = round(time.perf_counter() - started, 1)
     write_file_atomically(out / HEATMAPS_FILE, lambda path: plot_heatmaps(mean_grids, path))
     write_file_atomically(out / CURVES_FILE, lambda path: plot_curves(results, path))
@@ -274,43 +361,14 @@ def run_experiment(config: ExperimentConfig, out: str | Path, force: bool = Fals
     return results
 
 
-def run_task(task: Task, config: ExperimentConfig, out: Path, progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
-    """Every seed of both models on one task: its results entry and the seed-mean accuracy grids."""
-    tokenizer = task_tokenizer(task)
-    configs = model_configs(config, tokenizer.get_vocab_size())
-    inputs, targets = examples(tokenizer, task, *training_pairs(task))
-    a0, b0 = task.square
-    result = {"formula": task.formula, "operand_range": [0, task.size - 1],
-              "square": {"a": [a0, a0 + SQUARE - 1], "b": [b0, b0 + SQUARE - 1]},
-              "train_examples": len(inputs), "square_examples": SQUARE * SQUARE,
-              "models": {name: {"parameters": parameter_count(c), "p": c.p, "ffn_dim": c.ffn_dim, "runs": []}
-                         for name, c in configs.items()}}
-    grids: dict[str, list[np.ndarray]] = {name: [] for name in configs}
-
-    def evaluate(model, step):
-        return {k: round(v, 4) for k, v in split_accuracy(task, accuracy_grid(model, tokenizer, task)).items()}
-
-    for seed in range(config.seeds):
-        for name, model_config in configs.items():
-            t0 = time.perf_counter()
-            model, history = train_model(model_config, inputs, targets, config, seed, evaluate, progress,
-                                         desc=f"{task.name} {name} seed {seed}")
-            acc = accuracy_grid(model, tokenizer, task)
-            run = {"seed": seed, **split_accuracy(task, acc), "seconds": round(time.perf_counter() - t0, 1)}
-            checkpoint = out / task.name / f"{name}-seed{seed}"
-            summary = {"task": task.name, "formula": task.formula, "square": result["square"], **run}
-            save_checkpoint(checkpoint, model, tokenizer, extra_files={RUN_FILE: json.dumps(summary, indent=2)})
-            result["models"][name]["runs"].append({**run, "checkpoint": str(checkpoint), "history": history})
-            grids[name].append(acc)
-            if progress:
-                log.info("%s %s seed %d: train acc %.4f, square acc %.4f (%.0f s)", task.name, name, seed,
-                         run["train_acc"], run["square_acc"], run["seconds"])
-    for entry in result["models"].values():
-        for key in ("train_acc", "square_acc"):
-            values = np.array([run[key] for run in entry["runs"]])
-            entry[key] = {"mean": float(values.mean()), "std": float(values.std()),
-                          "min": float(values.min()), "max": float(values.max())}
-    return result, {name: np.mean(g, axis=0) for name, g in grids.items()}
+def summarize(entries: list[dict]) -> dict:
+    """Mean, std, min and max over seeds of train and square accuracy."""
+    stats = {}
+    for key in ("train_acc", "square_acc"):
+        values = np.array([entry[key] for entry in entries])
+        stats[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                      "min": float(values.min()), "max": float(values.max())}
+    return stats
 
 
 def plot_heatmaps(mean_grids: dict[str, dict[str, np.ndarray]], path: Path) -> None:
@@ -323,7 +381,8 @@ def plot_heatmaps(mean_grids: dict[str, dict[str, np.ndarray]], path: Path) -> N
 
     tasks = list(mean_grids)
     names = list(next(iter(mean_grids.values())))
-    fig, axes = plt.subplots(len(tasks), len(names), figsize=(4.2 * len(names), 3.9 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), len(names), figsize=(4 * len(names) + 1, 3.8 * len(tasks)), squeeze=False,
+                             layout="constrained")
     for row, task_name in enumerate(tasks):
         task = TASKS[task_name]
         a0, b0 = task.square
@@ -336,7 +395,7 @@ def plot_heatmaps(mean_grids: dict[str, dict[str, np.ndarray]], path: Path) -> N
             ax.set_title(f"{name}: {task.formula}", fontsize=9)
             ax.set_xlabel("b")
             ax.set_ylabel("a")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (mean over seeds)")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="accuracy (mean over seeds)")
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 

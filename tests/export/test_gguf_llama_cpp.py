@@ -30,8 +30,9 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 GGML_TYPE_F32 = 0  # ggml.h's enum ggml_type: an fp32 KV cache, so f32 weights leave nothing rounded
-NO_AMX_BUILD = ("CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON' "
-                "pip install --force-reinstall --no-cache-dir llama-cpp-python")
+NO_AMX_BUILD = ("CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+                "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON' pip install --force-reinstall --no-cache-dir "
+                "llama-cpp-python")
 
 
 def skip_if_amx_quantized(type_: str) -> None:

@@ -103,12 +103,15 @@ def test_bad_config_is_a_user_error(cli_fails, tmp_path):
     cli_fails(["experiment", "modular", "--out", tmp_path / "x", "--steps", "0"], "steps must be positive")
     cli_fails(["experiment", "modular", "--out", tmp_path / "x", "--p", "0"], "p must be in (0, 0.5)")
     cli_fails(["experiment", "modular", "--out", tmp_path / "x", "--head", "softmax"], "head")
+    cli_fails(["experiment", "modular", "--out", tmp_path / "x", "--jobs", "-1"], "jobs")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("modular") / "run"
-    assert main(["experiment", "modular", "--task", "add_mod", "--out", str(out), "--quiet", *TINY]) == 0
+    assert main(["experiment", "modular", "--task", "add_mod", "--out", str(out), "--quiet", *TINY,
+                 "--jobs", "2"]) == 0
     return out
 
 
@@ -146,9 +149,11 @@ def test_experiment_checkpoints_load_and_agree_with_the_results(experiment):
 
 
 def test_same_seed_same_result(experiment, tmp_path):
-    """The run is a function of its flags: training again gives the same numbers."""
+    """The run is a function of its flags: training again, in this process instead of two
+    workers, gives the same numbers."""
     out = tmp_path / "again"
-    assert main(["experiment", "modular", "--task", "add_mod", "--out", str(out), "--quiet", *TINY]) == 0
+    assert main(["experiment", "modular", "--task", "add_mod", "--out", str(out), "--quiet", *TINY,
+                 "--jobs", "1"]) == 0
     first = json.loads((experiment / "results.json").read_text())["tasks"]["add_mod"]["models"]
     again = json.loads((out / "results.json").read_text())["tasks"]["add_mod"]["models"]
     for name in first:
@@ -165,7 +170,8 @@ def test_experiment_refuses_to_overwrite(experiment, cli_fails):
 
 def test_experiment_json_and_table(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["experiment", "modular", "--task", "linear", "--out", str(out), "--quiet", *TINY, "--seeds", "1"]
+    args = ["experiment", "modular", "--task", "linear", "--out", str(out), "--quiet", *TINY, "--seeds", "1",
+            "--jobs", "1"]
     assert main([*args, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((out / "results.json").read_text())
@@ -177,9 +183,9 @@ def test_experiment_json_and_table(tmp_path, capsys):
 def test_fourier_head_option(tmp_path):
     out = tmp_path / "run"
     assert main(["experiment", "modular", "--task", "add_mod", "--out", str(out), "--quiet", *TINY,
-                 "--seeds", "1", "--head", "fourier"]) == 0
+                 "--seeds", "1", "--jobs", "1", "--head", "fourier", "--fourier-frequencies", "8"]) == 0
     model = load_model(out / "add_mod" / "fanformer-seed0")
-    assert model.config.head == "fourier"
+    assert model.config.head == "fourier" and model.config.fourier_frequencies == 8
     results = json.loads((out / "results.json").read_text())["tasks"]["add_mod"]["models"]
     assert abs(results["fanformer"]["parameters"] - results["transformer"]["parameters"]) \
         / results["fanformer"]["parameters"] < 0.02
