@@ -12,7 +12,7 @@ For a preset the model is randomly initialised (time and memory do not depend on
 weights); pass a trained checkpoint as PATH to quantize that instead.
 
     python benchmarks/quantize.py --preset small
-    python benchmarks/quantize.py --preset seed-92m --calib-samples 32
+    python benchmarks/quantize.py --preset seed-92m --calib-samples 8 --group-size 64 --keep 'blocks.*.attn.fan.proj.lora_b'
     python benchmarks/quantize.py runs/quickstart --methods rtn gptq awq
 
 Nothing here asserts a speed.
@@ -48,7 +48,7 @@ def method_config(method: str, args):
         raise SystemExit(f"method {method} is not available here (known: {', '.join(CONFIGS)})")
     if method not in INTEGER:
         return CONFIGS[method]()
-    options = dict(bits=args.bits, group_size=args.group_size)
+    options = dict(bits=args.bits, group_size=args.group_size, keep=tuple(args.keep or ()))
     if method in CALIBRATED:
         options.update(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
     return CONFIGS[method](**options)
@@ -76,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=128, help="rtn/gptq/awq group size (default 128)")
     parser.add_argument("--calib-samples", type=int, default=128, help="gptq/awq windows (default 128, as the CLI)")
     parser.add_argument("--calib-seq-len", type=int, help="gptq/awq tokens per window (default min(512, max_seq_len))")
+    parser.add_argument("--keep", action="append", metavar="PATTERN",
+                        help="rtn/gptq/awq: leave matching layers in float (repeatable), as fanformer quantize --keep")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--work", help="folder for the checkpoint and outputs (default: a temporary one)")
     parser.add_argument("--cache-dir", help="token cache (default $FANFORMER_CACHE or ~/.cache/fanformer)")
@@ -105,6 +107,7 @@ def main() -> None:
                    "--bits", str(args.bits), "--group-size", str(args.group_size),
                    "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(seq_len)]
         command += ["--threads", str(args.threads)] if args.threads else []
+        command += [flag for pattern in args.keep or () for flag in ("--keep", pattern)]
         command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
