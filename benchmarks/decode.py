@@ -189,9 +189,12 @@ class LlamaCppTimer:
         from runtime.backend import BackendInfo
 
         self.llama_cpp = llama_cpp
-        # n_ctx 0: the file's context length; one batch takes the longest prompt whole.
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT,
-                                   n_threads=torch.get_num_threads(), verbose=False)
+        try:  # n_ctx 0: the file's context length; one batch takes the longest prompt whole
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT,
+                                       n_threads=torch.get_num_threads(), verbose=False)
+        except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
+            raise FANformerError(f"llama.cpp cannot load {path} ({err}); it runs `fanformer export "
+                                 "--format gguf --arch llama` files, not the fanformer architecture") from None
         self.info = BackendInfo(format="llama.cpp", path=path, vocab_size=self.llm.n_vocab(),
                                 max_seq_len=llama_cpp.llama_model_n_ctx_train(self.llm.model), bos_id=0, eos_id=0,
                                 pad_id=0, dtype="(the file's)", device="cpu")

@@ -23,7 +23,9 @@ Here, for a checkpoint:
 - **Dominant periods** are the local maxima of that spectrum, largest first, each
   reported as T = L / k (not always an integer: period 10 over L = 113 shows up at
   k = 11, T = 10.27). Local maxima rather than the top bins, so one peak that leaks
-  into its neighbours is counted once.
+  into its neighbours is counted once. Each comes with its magnitude over the median
+  magnitude (how far it stands out of the floor: about 1x for a flat spectrum) and its
+  share of the total magnitude over k >= 1.
 """
 
 from __future__ import annotations
@@ -60,20 +62,23 @@ class Peak:
     period: float  # L / k numbers per cycle
     magnitude: float
     share: float  # magnitude / sum of magnitudes over k >= 1
+    over_median: float  # magnitude / the median magnitude over k >= 1: how far it stands out
 
     def to_dict(self) -> dict:
         return {"k": self.k, "period": round(self.period, 4), "magnitude": round(self.magnitude, 6),
-                "share": round(self.share, 4)}
+                "share": round(self.share, 4), "over_median": round(self.over_median, 3)}
 
 
 def dominant_periods(spectrum: np.ndarray, length: int, top: int = 5) -> list[Peak]:
     """The `top` largest local maxima of `spectrum` over k >= 1, as periods L / k."""
     mags = np.asarray(spectrum, dtype=np.float64)
     total = mags[1:].sum() or 1.0
+    median = float(np.median(mags[1:])) or 1.0
     padded = np.concatenate([[-np.inf], mags[1:], [-np.inf]])  # the ends count as maxima when above their one neighbour
     peaks = [k for k in range(1, len(mags)) if padded[k] > padded[k - 1] and padded[k] >= padded[k + 1]]
     peaks.sort(key=lambda k: -mags[k])
-    return [Peak(k, length / k, float(mags[k]), float(mags[k] / total)) for k in peaks[:top]]
+    return [Peak(k, length / k, float(mags[k]), float(mags[k] / total), float(mags[k] / median))
+            for k in peaks[:top]]
 
 
 # --- Number tokens and representations of a checkpoint --------------------------------
@@ -146,10 +151,11 @@ def analyze_checkpoint(path: str | Path, max_number: int | None = None, layers: 
 
 def format_analysis(result: dict) -> str:
     lines = [f"{result['checkpoint']}: numbers {result['numbers'][0]}..{result['numbers'][1]} "
-             f"(L = {result['length']}), dominant periods L/k (share of spectral magnitude)"]
+             f"(L = {result['length']}); dominant periods L/k, each with its magnitude over the median "
+             "magnitude (a flat spectrum gives about 1x)"]
     width = max(len(name) for name in result["representations"])
     for name, entry in result["representations"].items():
-        peaks = "  ".join(f"{p['period']:.4g} ({100 * p['share']:.1f}%)" for p in entry["peaks"])
+        peaks = "  ".join(f"{p['period']:>6.4g} ({p['over_median']:.1f}x)" for p in entry["peaks"])
         lines.append(f"{name:<{width}}  {peaks}")
     return "\n".join(lines)
 

@@ -332,11 +332,14 @@ def run_experiment(config: ExperimentConfig, out: str | Path, force: bool = Fals
             done(run, train_and_save(run, configs[run.task][run.model], config, out))
     else:
         # spawn, not fork: a forked child of a process that has started OpenMP threads can hang.
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        try:
             futures = {pool.submit(train_and_save, run, configs[run.task][run.model], config, out): run
                        for run in runs}
             for future in as_completed(futures):
                 done(futures[future], future.result())
+        finally:  # on Ctrl-C or a failed run, drop the queued runs instead of training them first
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
 
     results: dict = {"config": dataclasses.asdict(config), "square_size": SQUARE, "tasks": {}}

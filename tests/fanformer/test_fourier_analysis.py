@@ -36,6 +36,12 @@ def test_planted_period_comes_first():
     peaks = dominant_periods(magnitude_spectrum(planted(100, {10: 1.0})), 100)
     assert peaks[0].k == 10 and peaks[0].period == pytest.approx(10.0)
     assert peaks[0].magnitude > 5 * peaks[1].magnitude  # the rest is noise
+    assert peaks[0].over_median > 5 and peaks[1].over_median < 2
+
+
+def test_flat_spectrum_has_no_standout_peak():
+    peaks = dominant_periods(magnitude_spectrum(planted(100, {}, noise=1.0)), 100)
+    assert all(p.over_median < 2 for p in peaks)
 
 
 def test_several_planted_periods_in_order_of_strength():
