@@ -72,6 +72,14 @@ TORCH_FLOAT = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat1
 INT4_GROUP = 32  # every supported q* type has blocks of 32, one kernel group each
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds of torch
 HAS_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# The kernels as resolved overloads: calling an op packet (torch.ops.ns.op) re-resolves it
+# on every call, which is a measurable share of a small model's decode step. The fp16 op
+# takes a TorchBind object, whose overload wrapper also walks the arguments in Python
+# looking for fake objects (only torch.compile makes those); its bound C++ function `_op`
+# skips that, 3% of `small`'s decode step. Torch builds without `_op` use the wrapper.
+LINEAR_FP16 = torch.ops.quantized.linear_dynamic_fp16.default if HAS_FBGEMM else None
+LINEAR_FP16 = getattr(LINEAR_FP16, "_op", LINEAR_FP16)
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 # --- Block layouts: pure dequantization (ggml-quants.c's layouts, in torch) ----------
@@ -193,7 +201,7 @@ class Fp16Linear(nn.Module):
         return 2 * self.out_features * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return LINEAR_FP16(x, self.packed)
 
 
 class Bf16Linear(nn.Module):
@@ -244,7 +252,7 @@ class Int4Linear(nn.Module):
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
         if self.n_planes > 1:
             x = torch.cat([x] * self.n_planes, dim=1)  # (M, planes * in); a fifth of repeat's cost here
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
+        y = INT4_MM(x, self.packed, INT4_GROUP, self.scales_zeros)
         if y.shape[1] != self.out_features:
             y = y[:, :self.out_features]  # (M, out): drop the padding rows
         y = y.view(*shape[:-1], self.out_features).float()
@@ -269,14 +277,17 @@ class SharedInputLinear(nn.Module):
         # A plain list: the members own this module (as their child), not the other way round.
         self.members = [OutputSlice(self, i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
         self.last = len(widths) - 1
-        self._input = self._output = None
+        # [input, output] of the pending call, in a list: nn.Module.__setattr__ costs more
+        # than the kernel call for a small model, twice per member per token.
+        self._held: list[torch.Tensor | None] = [None, None]
 
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        if member == 0 or x is not self._input:
-            self._input, self._output = x, self.linear(x)
-        out = self._output
+        held = self._held
+        if member == 0 or x is not held[0]:
+            held[0], held[1] = x, self.linear(x)
+        out = held[1]
         if member == self.last:
-            self._input = self._output = None
+            held[0] = held[1] = None
         return out
 
 
@@ -285,9 +296,10 @@ class OutputSlice(nn.Module):
         super().__init__()
         self.shared = shared  # one module under several names: parameters() counts it once
         self.index, self.start, self.stop = index, start, stop
+        self._output = shared.output  # a plain attribute: a submodule lookup goes through nn.Module.__getattr__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared.output(x, self.index)[..., self.start:self.stop]
+        return self._output(x, self.index)[..., self.start:self.stop]
 
 
 class GGUFEmbedding(nn.Module):
