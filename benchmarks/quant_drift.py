@@ -4,7 +4,8 @@ Every row is quantized from the same float checkpoint with the same calibration 
 and scored by the runtime's evaluator (`runtime.drift`, the one `fanformer eval
 --reference` uses) on the same held-out tokens against the FP16 reference. The AWQ rows
 separate its two halves (scale search only, clipping search only) and show what leaving
-the FAN periodic projection in float does, the decision `quant/awq.py` documents.
+the FAN projection in float does, for AWQ (the decision `quant/awq.py` documents) and,
+to tell the layer's own sensitivity from AWQ's, for RTN and GPTQ.
 
     python benchmarks/quant_drift.py runs/quickstart
     python benchmarks/quant_drift.py runs/quickstart --max-tokens 20000 --json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from fanformer.checkpoint import WEIGHTS_FILE, load_config
 
-FAN = "blocks.*.attn.fan.proj"
+FAN = "blocks.*.attn.fan.proj"  # the FAN projection, one linear or a CoLA layer (a keep pattern keeps what it names)
 # row label -> (method, options)
 ROWS = {
     "RTN w4 g128": ("rtn", dict(bits=4, group_size=128)),
@@ -30,6 +31,8 @@ ROWS = {
     "AWQ w4 g128, scales only": ("awq", dict(bits=4, group_size=128, search_clip=False)),
     "AWQ w4 g128, clipping only": ("awq", dict(bits=4, group_size=128, search_scale=False)),
     "AWQ w4 g128, FAN projection kept": ("awq", dict(bits=4, group_size=128, keep=(FAN,))),
+    "RTN w4 g128, FAN projection kept": ("rtn", dict(bits=4, group_size=128, keep=(FAN,))),
+    "GPTQ w4 g128, FAN projection kept": ("gptq", dict(bits=4, group_size=128, keep=(FAN,))),
     "RTN w4 g32": ("rtn", dict(bits=4, group_size=32)),
     "GPTQ w4 g32": ("gptq", dict(bits=4, group_size=32)),
     "AWQ w4 g32": ("awq", dict(bits=4, group_size=32)),

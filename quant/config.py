@@ -18,7 +18,8 @@ GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
 class WeightOnlyConfig:
     """What every weight-only integer method shares: the grid and which layers it covers.
 
-    keep: fnmatch patterns of module names left in float (e.g. "blocks.*.attn.fan.proj").
+    keep: fnmatch patterns of module names left in float (e.g. "blocks.*.attn.fan.proj"); a
+        pattern naming a module keeps every linear inside it (both factors of a CoLA layer).
     lm_head: quantize the LM head too (never when it is tied to the embedding).
     """
 

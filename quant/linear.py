@@ -58,16 +58,26 @@ class QuantLinear(nn.Module):
 def target_linears(model: nn.Module, keep: tuple[str, ...] = (), lm_head: bool = False) -> dict[str, nn.Linear]:
     """The nn.Linear modules to quantize, by name: every linear in every block (FAN
     projection, q/k/v/o, gate/up/down, each CoLA factor on its own), and the LM head's
-    linears when asked and not tied to the embedding; minus names matching a keep pattern."""
+    linears when asked and not tied to the embedding; minus those a keep pattern names
+    (`kept`)."""
     found = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         in_blocks = name.startswith("blocks.")
         head = name.startswith("lm_head") and lm_head and not getattr(model.config, "tie_embeddings", False)
-        if (in_blocks or head) and not any(fnmatch.fnmatchcase(name, pattern) for pattern in keep):
+        if (in_blocks or head) and not kept(name, keep):
             found[name] = module
     return found
+
+
+def kept(name: str, keep: tuple[str, ...]) -> bool:
+    """Does a keep pattern (fnmatch) name this module or a module holding it? So
+    "blocks.*.attn.fan.proj" keeps the FAN projection whether it is one linear or a CoLA
+    layer's two factors (`proj.lora_a`, `proj.lora_b`)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in keep)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

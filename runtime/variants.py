@@ -175,6 +175,7 @@ def _add(name: str, format: str, method: str, bits: int, build: Build | None, ar
 BNB = importable("bitsandbytes", "bitsandbytes")
 GENAI = importable("onnxruntime_genai", "onnxruntime-genai")
 GGUF_FILE = "{}.gguf"
+FAN_PROJECTION = "blocks.*.attn.fan.proj"  # a --keep pattern: the FAN layer's [W_p || W_g] (both CoLA factors, if any)
 # ONNX, GGUF and genai files run on the CPU (the edge case; a CPU-only onnxruntime cannot do
 # otherwise, and the GGUF backend is CPU-only); onnx-fp16-cuda is the GPU row.
 CPU = ("cpu",)
@@ -186,6 +187,10 @@ _add("bnb-nf4", "pytorch", "bitsandbytes NF4", 4, quantized("nf4"), requires=BNB
 _add("rtn-w4g128", "pytorch", "RTN, groups of 128", 4, quantized("rtn", bits=4, group_size=128))
 _add("gptq-w4g128", "pytorch", "GPTQ, groups of 128", 4, quantized("gptq", bits=4, group_size=128))
 _add("awq-w4g128", "pytorch", "AWQ, groups of 128", 4, quantized("awq", bits=4, group_size=128))
+# The FAN projection is the layer 4 bits hurt most (README, "Quantizing"): this row shows what
+# keeping it float buys, beside the plain AWQ row.
+_add("awq-w4g128-keep-fan", "pytorch", "AWQ, groups of 128, FAN projection kept float", 4,
+     quantized("awq", bits=4, group_size=128, keep=(FAN_PROJECTION,)))
 _add("gptq-w4g32", "pytorch", "GPTQ, groups of 32", 4, quantized("gptq", bits=4, group_size=32))
 _add("onnx-fp32", "onnx", "fp32", 32, exported("onnx", dtype="fp32"), devices=CPU)
 _add("onnx-fp16", "onnx", "fp16 weights and compute", 16, exported("onnx", dtype="fp16"), devices=CPU)

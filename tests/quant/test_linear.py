@@ -68,6 +68,17 @@ def test_keep_patterns_and_lm_head():
     assert "lm_head" not in quantize(tied, RTNConfig(bits=8, group_size=-1, lm_head=True), progress=False)["layers"]
 
 
+def test_keep_pattern_naming_a_cola_layer_keeps_both_factors():
+    report = quantize(cola_model(), RTNConfig(bits=8, group_size=-1, keep=("blocks.*.attn.fan.proj",)),
+                      progress=False)
+    n_layers = cola_model().config.n_layers
+    kept = {f"blocks.{i}.attn.fan.proj.{f}" for i in range(n_layers) for f in ("lora_a", "lora_b")}
+    assert {n for n in report["kept"] if n.startswith("blocks.")} == kept
+    # a pattern matches whole module names, not the start of one
+    report = quantize(cola_model(), RTNConfig(bits=8, group_size=-1, keep=("blocks.*.attn.fan.pro",)), progress=False)
+    assert not any(n.startswith("blocks.") for n in report["kept"])
+
+
 def test_group_size_must_divide_every_input_width():
     with pytest.raises(FANformerError, match=r"group size 32 does not divide the input width 16 of .*lora_b"):
         quantize(cola_model(), RTNConfig(bits=4, group_size=32), progress=False)
