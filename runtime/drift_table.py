@@ -496,7 +496,7 @@ def markdown(table: DriftTable) -> str:
                      f"best of {dec['repeats']}, {dec['threads']} thread(s); peak RSS of a fresh process per variant.")
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in table.rows]
-    lines += ["", f"**{'PASS' if table.passed else 'FAIL'}**: {len(table.rows)} variants, "
+    lines += ["", f"**{'PASS' if table.passed else 'FAIL'}**: {len(table.rows)} variant{'s' * (len(table.rows) != 1)}, "
               + ", ".join(f"{sum(r.status == s for r in table.rows)} {s}"
                           for s in ("ok", "over budget", "failed", "skipped"))]
     return "\n".join(lines) + "\n"
