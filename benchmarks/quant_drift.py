@@ -9,6 +9,7 @@ to tell the layer's own sensitivity from AWQ's, for RTN and GPTQ.
 
     python benchmarks/quant_drift.py runs/quickstart
     python benchmarks/quant_drift.py runs/quickstart --max-tokens 20000 --json
+    python benchmarks/quant_drift.py runs/quickstart --rows sensitivity   # which layers 4 bits hurt most
 
 Nothing here asserts a bound; the regression budgets live in the tests.
 """
@@ -41,12 +42,20 @@ ROWS = {
     "AWQ w3 g32": ("awq", dict(bits=3, group_size=32)),
     "RTN w8 g128": ("rtn", dict(bits=8, group_size=128)),
 }
+# Per-layer sensitivity (on request: --rows sensitivity): RTN w4 g128 with one kind of layer
+# kept float at a time, so the KL each layer's rounding costs can be set against its bytes.
+LAYERS = {"FAN projection": FAN, **{name: f"blocks.*.{path}" for name, path in (
+    ("q_proj", "attn.q_proj"), ("k_proj", "attn.k_proj"), ("v_proj", "attn.v_proj"), ("o_proj", "attn.o_proj"),
+    ("gate_proj", "ffn.gate_proj"), ("up_proj", "ffn.up_proj"), ("down_proj", "ffn.down_proj"))}}
+SENSITIVITY = {f"RTN w4 g128, {name} kept": ("rtn", dict(bits=4, group_size=128, keep=(pattern,)))
+               for name, pattern in LAYERS.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a trained float checkpoint")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW")
+    parser.add_argument("--rows", nargs="+", choices=[*ROWS, *SENSITIVITY, "sensitivity"], default=list(ROWS),
+                        metavar="ROW", help="row labels, or 'sensitivity' for one RTN row per kept layer kind")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, help="default min(512, max_seq_len)")
     parser.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens scored (default 20000)")
@@ -67,8 +76,12 @@ def main() -> None:
     reference = fp16_reference(checkpoint)
     tokens = eval_tokens(reference.tokenizer, None, "test", args.max_tokens, args.cache_dir)
     results = {}
-    for label in args.rows:
-        method, options = ROWS[label]
+    rows = {**ROWS, **SENSITIVITY}
+    labels = [label for row in args.rows for label in (SENSITIVITY if row == "sensitivity" else [row])]
+    if "sensitivity" in args.rows:
+        labels.insert(0, "RTN w4 g128")  # the baseline the kept rows are read against
+    for label in dict.fromkeys(labels):
+        method, options = rows[label]
         if issubclass(CONFIGS[method], CalibratedConfig):
             options = dict(options, calib_samples=args.calib_samples, calib_seq_len=seq_len)
         out = work / label.replace(" ", "_").replace(",", "")

@@ -42,11 +42,10 @@ Where a scale can be folded in FANformer (and why not elsewhere):
 Layers left in float with --keep still take part: their columns are scaled so the fold is
 exact, they are just not rounded.
 
-Measured (README, "Quantizing"; `benchmarks/quant_drift.py`): the FAN projection, whose
-output goes through cos/sin (an error in P is a phase error), is the layer 4 bits hurt most,
-for every method, and its input scales do not save it; keeping it float
-(`keep=("blocks.*.attn.fan.proj",)`) cut AWQ's KL by a quarter on the quickstart model for 6.6%
-more bytes. The drift table's `awq-w4g128-keep-fan` row sets it beside plain AWQ.
+Measured (README, "Quantizing"; `benchmarks/quant_drift.py`): its input scales leave the FAN
+projection sensitive; keeping it float (`keep=("blocks.*.attn.fan.proj",)`) cut AWQ's KL by a
+quarter on the quickstart model for 6.6% more bytes (v_proj is more sensitive still, per
+byte). The drift table's `awq-w4g128-keep-fan` row sets it beside plain AWQ.
 """
 
 from __future__ import annotations

@@ -187,8 +187,8 @@ _add("bnb-nf4", "pytorch", "bitsandbytes NF4", 4, quantized("nf4"), requires=BNB
 _add("rtn-w4g128", "pytorch", "RTN, groups of 128", 4, quantized("rtn", bits=4, group_size=128))
 _add("gptq-w4g128", "pytorch", "GPTQ, groups of 128", 4, quantized("gptq", bits=4, group_size=128))
 _add("awq-w4g128", "pytorch", "AWQ, groups of 128", 4, quantized("awq", bits=4, group_size=128))
-# The FAN projection is the layer 4 bits hurt most (README, "Quantizing"): this row shows what
-# keeping it float buys, beside the plain AWQ row.
+# The FAN projection is among the layers 4 bits hurt most (README, "Quantizing"): this row
+# shows what keeping it float buys, beside the plain AWQ row.
 _add("awq-w4g128-keep-fan", "pytorch", "AWQ, groups of 128, FAN projection kept float", 4,
      quantized("awq", bits=4, group_size=128, keep=(FAN_PROJECTION,)))
 _add("gptq-w4g32", "pytorch", "GPTQ, groups of 32", 4, quantized("gptq", bits=4, group_size=32))
