@@ -54,7 +54,7 @@ from common import device_name  # benchmarks/common.py: a script's own folder is
 from fanformer.config import PRESETS, FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
-from runtime import load_backend
+from runtime import drift_table, load_backend
 from runtime.backend import DTYPES, Backend
 from runtime.torch_backend import TorchBackend
 
@@ -80,15 +80,11 @@ def weight_stats(backend: Backend) -> tuple[int | None, int | None]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: ru_maxrss survives
-    exec, so a process started by a big parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """This process's peak resident memory: Linux's VmHWM (runtime.drift_table's reader),
+    else ru_maxrss, which survives exec and so may report a big parent's peak."""
+    vm_hwm = drift_table.peak_rss_bytes()
+    if vm_hwm is not None:
+        return vm_hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss if sys.platform == "darwin" else rss * 1024
 

@@ -22,8 +22,7 @@ import tempfile
 from pathlib import Path
 
 from fanformer.checkpoint import WEIGHTS_FILE, load_config
-
-FAN = "blocks.*.attn.fan.proj"  # the FAN projection, one linear or a CoLA layer (a keep pattern keeps what it names)
+from runtime.variants import FAN_PROJECTION as FAN
 # row label -> (method, options)
 ROWS = {
     "RTN w4 g128": ("rtn", dict(bits=4, group_size=128)),

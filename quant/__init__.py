@@ -23,12 +23,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from fanformer.errors import FANformerError
-from quant.config import (CONFIGS, AWQConfig, BnbConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, RTNConfig,
-                          WeightOnlyConfig)
+from quant.config import (CONFIGS, AWQConfig, BnbConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, QuantConfig,
+                          RTNConfig, WeightOnlyConfig)
 from quant.grid import QuantizedWeight
 from quant.linear import QuantLinear, swap_in, target_linears
 
-Handler = Callable[[nn.Module, dict[str, nn.Linear], WeightOnlyConfig, "torch.Tensor | None", bool],
+Handler = Callable[[nn.Module, dict[str, nn.Linear], QuantConfig, "torch.Tensor | None", bool],
                    dict[str, QuantizedWeight]]
 HANDLERS: dict[type, Handler] = {}
 SWAPPING: set[type] = set()  # config types whose handler puts its own modules in place (bitsandbytes)
@@ -66,7 +66,7 @@ def check_layers(layers: dict[str, nn.Linear], config: WeightOnlyConfig) -> None
                     f"{what} x bits to be a multiple of 32); use other --bits, or --keep {name}")
 
 
-def quantize(model: nn.Module, config: WeightOnlyConfig, calibration: torch.Tensor | None = None,
+def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
              progress: bool = True) -> dict:
     """Quantize `model` in place (its linears become `QuantLinear`s) and return the report:
     the config, and per layer its shape and reconstruction error; `kept` lists the
@@ -146,5 +146,5 @@ def _bnb(model, layers, config: BnbConfig, calibration, progress):
     return bnb_quantize(model, layers, config, progress)
 
 
-__all__ = ["AWQConfig", "BnbInt8Config", "BnbNF4Config", "CONFIGS", "GPTQConfig", "HANDLERS", "QuantLinear",
-           "RTNConfig", "WeightOnlyConfig", "is_quantized", "quantize", "register"]
+__all__ = ["AWQConfig", "BnbInt8Config", "BnbNF4Config", "CONFIGS", "GPTQConfig", "HANDLERS", "QuantConfig",
+           "QuantLinear", "RTNConfig", "WeightOnlyConfig", "is_quantized", "quantize", "register"]

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from fanformer.errors import FANformerError
 from quant.config import BNB_QUANT_METHOD, BnbConfig, BnbInt8Config, BnbNF4Config
-from quant.linear import set_module
+from quant.linear import set_module, stored_linear
 
 
 class _DropFp16CastNotice(logging.Filter):
@@ -238,12 +238,7 @@ def load_bnb_model(path: Path, qconfig: dict, device: str | torch.device = "cpu"
     state = load_safetensors(path / WEIGHTS_FILE)
     suffix = ".SCB" if isinstance(config, BnbInt8Config) else "." + NF4_STATE
     for name in sorted(key[:-len(suffix)] for key in state if key.endswith(suffix)):
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, nn.Linear):
-            raise FANformerError(f"{path / WEIGHTS_FILE}: {name} names no linear layer of this model")
+        layer = stored_linear(model, name, path / WEIGHTS_FILE, name)
         module = _loaded_module(name, layer, state, config, path / WEIGHTS_FILE)
         set_module(model, name, module)
         # load_state assigns each tensor of `state` as the module's parameter: give it bnb's

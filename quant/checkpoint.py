@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from fanformer.checkpoint import (QUANTIZATION_KEY, WEIGHTS_FILE, check_output_dir, load_config, load_model,
                                   load_safetensors, load_state, read_quantization_config, save_checkpoint)
@@ -30,7 +29,7 @@ from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
 from quant.config import BNB_QUANT_METHOD, BnbConfig, CalibratedConfig, GPTQConfig, WeightOnlyConfig
-from quant.linear import QuantLinear, set_module
+from quant.linear import QuantLinear, set_module, stored_linear
 from quant.packing import BITS, CHECKPOINT_FORMAT
 
 REPORT_FILE = "quant_report.json"
@@ -78,12 +77,7 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
         model = FANformer(config)
     state = load_safetensors(path / WEIGHTS_FILE)
     for name in sorted({key.rsplit(".", 1)[0] for key in state if key.endswith(".qweight")}):
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, nn.Linear):
-            raise FANformerError(f"{path / WEIGHTS_FILE}: {name}.qweight names no linear layer of this model")
+        layer = stored_linear(model, name, path / WEIGHTS_FILE, f"{name}.qweight")
         set_module(model, name, QuantLinear(layer.in_features, layer.out_features, bits, group_size,
                                             bias=layer.bias is not None, device="meta"))
     return load_state(model, state, path, device)

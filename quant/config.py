@@ -15,17 +15,14 @@ GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
 
 
 @dataclass(frozen=True)
-class WeightOnlyConfig:
-    """What every weight-only integer method shares: the grid and which layers it covers.
+class QuantConfig:
+    """What every method's config shares: which layers it covers, validation, to_dict.
 
     keep: fnmatch patterns of module names left in float (e.g. "blocks.*.attn.fan.proj"); a
         pattern naming a module keeps every linear inside it (both factors of a CoLA layer).
     lm_head: quantize the LM head too (never when it is tied to the embedding).
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
     keep: tuple[str, ...] = ()
     lm_head: bool = False
 
@@ -38,14 +35,27 @@ class WeightOnlyConfig:
             raise FANformerError(f"invalid {self.method} config: " + "; ".join(problems))
 
     def _problems(self):
+        """Each problem with the fields, as a sentence; subclasses extend it."""
+        return iter(())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig(QuantConfig):
+    """What every weight-only integer method shares: the grid, besides the layers covered."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def _problems(self):
         if self.bits not in BITS:
             yield f"bits must be one of {', '.join(map(str, BITS))}, got {self.bits}"
         if self.group_size not in GROUP_SIZES:
             yield (f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (-1 = per channel), "
                    f"got {self.group_size}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -119,26 +129,9 @@ BNB_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
-class BnbConfig:
+class BnbConfig(QuantConfig):
     """The bitsandbytes methods (quant/bnb.py): no grid and no calibration, only which
-    layers they cover, with `WeightOnlyConfig`'s meaning of `keep` and `lm_head`."""
-
-    keep: tuple[str, ...] = ()
-    lm_head: bool = False
-
-    method = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "keep", tuple(self.keep))
-        problems = list(self._problems())
-        if problems:
-            raise FANformerError(f"invalid {self.method} config: " + "; ".join(problems))
-
-    def _problems(self):
-        return iter(())
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    layers they cover."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fanformer.errors import FANformerError
 from quant.grid import QuantizedWeight
 from quant.packing import dequantize_packed, pack
 
@@ -78,6 +79,18 @@ def kept(name: str, keep: tuple[str, ...]) -> bool:
     parts = name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in keep)
+
+
+def stored_linear(model: nn.Module, name: str, file, key: str) -> nn.Linear:
+    """The model's linear `name`, which the checkpoint `file` stores as `key`; an error
+    naming the key if the model has no such linear (a file for another model)."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, nn.Linear):
+        raise FANformerError(f"{file}: {key} names no linear layer of this model")
+    return layer
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -14,6 +14,15 @@ from pathlib import Path
 from fanformer.errors import FANformerError
 
 
+def load_model(og, folder: str | Path):
+    """`og.Model` of an exported folder; genai's own failure becomes one user-facing error."""
+    try:
+        return og.Model(str(folder))
+    except Exception as err:  # genai raises RuntimeError with its own text
+        raise FANformerError(f"onnxruntime-genai cannot load {folder} ({err}); "
+                             "export the checkpoint again with `fanformer export --format onnx`") from None
+
+
 class GenaiSession:
     """One greedy generation at a time: `prefill(prompt_ids)`, then `step()` per token."""
 
@@ -21,11 +30,7 @@ class GenaiSession:
         import onnxruntime_genai as og
 
         self.og = og
-        try:
-            self.model = og.Model(str(folder))
-        except Exception as err:  # genai raises RuntimeError with its own text
-            raise FANformerError(f"onnxruntime-genai cannot load {folder} ({err}); "
-                                 "export the checkpoint with `fanformer export --format onnx`") from None
+        self.model = load_model(og, folder)
         self.tokenizer = og.Tokenizer(self.model)
         self.eos_id = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["eos_token_id"]
         self.generator = None

@@ -22,6 +22,7 @@ from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from runtime.backend import Backend, BackendInfo, register
+from runtime.genai import load_model
 
 GENAI_CONFIG_FILE = "genai_config.json"
 
@@ -53,11 +54,7 @@ class GenaiBackend(Backend):
         if device not in ("cpu", "auto"):
             raise FANformerError(f"the genai backend runs on the CPU here; use --device cpu, not {device!r}")
         self.og = og
-        try:
-            self.model = og.Model(str(folder))
-        except Exception as err:  # genai raises RuntimeError with its own text
-            raise FANformerError(f"onnxruntime-genai cannot load {folder} ({err}); "
-                                 "export the checkpoint again with `fanformer export --format onnx`") from None
+        self.model = load_model(og, folder)
         self.config = FANformerConfig.from_file(folder)
         self.tokenizer = load_tokenizer(folder)
         self.generation_defaults = load_generation_config(folder)
