@@ -68,3 +68,26 @@ def cli_fails(capsys):
         return errors[0]
 
     return check
+
+
+@pytest.fixture
+def cli_eval_matches_library(capsys, corpus):
+    """Run `fanformer eval CKPT --json` on the corpus in-process and check its perplexity
+    and token count are `runtime.perplexity`'s on the same tokens; returns the JSON."""
+    from fanformer.cli import main
+    from runtime import eval_tokens, load_backend, perplexity
+
+    def check(checkpoint, max_tokens: int, ctx: int = 32) -> dict:
+        capsys.readouterr()
+        assert main(["eval", str(checkpoint), "--data", str(corpus), "--split", "all", "--ctx", str(ctx), "--json",
+                     "--quiet", "--max-tokens", str(max_tokens)]) == 0
+        reported = json.loads(capsys.readouterr().out)
+        backend = load_backend(checkpoint)
+        tokens = eval_tokens(backend.tokenizer, [str(corpus)], "all", max_tokens)
+        expected = perplexity(backend, tokens, ctx=ctx)
+        assert reported["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+        assert reported["tokens"] == expected.tokens == len(tokens) - 1
+        return reported
+
+    return check
+

@@ -16,12 +16,11 @@ from fanformer.tokenizer import train_tokenizer
 OVERFIT_TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 
 
-@pytest.fixture(scope="session")
-def overfit_tiny():
-    """(model, tokenizer, ids): do not modify the model (copy it first)."""
+def overfit(**options):
+    """(model, tokenizer, ids): a `tiny` model with config `options`, overfit on OVERFIT_TEXTS."""
     tokenizer = train_tokenizer(OVERFIT_TEXTS, 400)
     torch.manual_seed(0)
-    model = FANformer(FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
+    model = FANformer(FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size(), **options))
     ids = torch.tensor(tokenizer.encode("".join(OVERFIT_TEXTS[:8])).ids[:65])[None]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(40):
@@ -30,6 +29,18 @@ def overfit_tiny():
         loss.backward()
         optimizer.step()
     return model.eval(), tokenizer, ids
+
+
+@pytest.fixture(scope="session")
+def train_overfit():
+    """`overfit`, for tests that need other model options than `overfit_tiny`'s."""
+    return overfit
+
+
+@pytest.fixture(scope="session")
+def overfit_tiny():
+    """(model, tokenizer, ids): do not modify the model (copy it first)."""
+    return overfit()
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,10 @@ from export import gguf_export
 from export import gguf_format as names
 from export.gguf_export import export_gguf
 from fanformer.checkpoint import save_checkpoint
-from fanformer.config import FANformerConfig
-from fanformer.model import FANformer
-from fanformer.tokenizer import train_tokenizer
 from runtime import load_backend, reference_greedy
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 GGML_TYPE_F32 = 0  # ggml.h's enum ggml_type: an fp32 KV cache, so f32 weights leave nothing rounded
 NO_AMX_BUILD = ("CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
                 "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON' pip install --force-reinstall --no-cache-dir "
@@ -43,22 +39,11 @@ def skip_if_amx_quantized(type_: str) -> None:
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def llama_checkpoint(request, tmp_path_factory):
-    """A tiny Llama (p = 0, pre-norm, GQA) overfit on TEXTS, as tests/export/conftest.py
-    does: peaked next-token distributions, so greedy tokens are a meaningful check."""
-    tokenizer = train_tokenizer(TEXTS, 400)
-    torch.manual_seed(0)
-    config = FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size(), p=0.0,
-                                       tie_embeddings=request.param)
-    model = FANformer(config)
-    ids = torch.tensor(tokenizer.encode("".join(TEXTS[:8])).ids[:65])[None]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return save_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", model.eval(), tokenizer)
+def llama_checkpoint(request, tmp_path_factory, train_overfit):
+    """A tiny Llama (p = 0, pre-norm, GQA) overfit as tests/export/conftest.py's model is:
+    peaked next-token distributions, so greedy tokens are a meaningful check."""
+    model, tokenizer, _ = train_overfit(p=0.0, tie_embeddings=request.param)
+    return save_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", model, tokenizer)
 
 
 def llama_cpp_logits(path, ids: list[int], n_ctx: int) -> torch.Tensor:

@@ -240,17 +240,8 @@ def test_generate_bad_input(trained, flags, message, cli_fails):
     cli_fails(["generate", str(trained), *flags], message)
 
 
-def test_eval_json_matches_the_library(capsys, corpus, trained):
-    from runtime import eval_tokens, load_backend, perplexity
-
-    assert main(["eval", str(trained), "--data", str(corpus), "--split", "all", "--ctx", "32", "--json",
-                 "--quiet", "--max-tokens", "2000"]) == 0
-    reported = json.loads(capsys.readouterr().out)
-    backend = load_backend(trained)
-    tokens = eval_tokens(backend.tokenizer, [str(corpus)], "all", 2000)
-    expected = perplexity(backend, tokens, ctx=32)
-    assert reported["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
-    assert reported["tokens"] == expected.tokens == len(tokens) - 1
+def test_eval_json_matches_the_library(trained, cli_eval_matches_library):
+    cli_eval_matches_library(trained, 2000)
 
 
 def test_eval_against_itself_as_reference(capsys, corpus, trained):

@@ -198,18 +198,10 @@ def trained_fftnet(corpus, tmp_path_factory) -> Path:
     return out
 
 
-def test_cli_trains_and_evaluates_an_fftnet_model(capsys, corpus, trained_fftnet):
-    from runtime import eval_tokens, load_backend, perplexity
-
+def test_cli_trains_and_evaluates_an_fftnet_model(trained_fftnet, cli_eval_matches_library):
     config = json.loads((trained_fftnet / "config.json").read_text())
     assert config["mixer"] == "fftnet"
-    capsys.readouterr()
-    assert main(["eval", str(trained_fftnet), "--data", str(corpus), "--split", "all", "--ctx", "32", "--json",
-                 "--quiet", "--max-tokens", "1000"]) == 0
-    reported = json.loads(capsys.readouterr().out)
-    backend = load_backend(trained_fftnet)
-    expected = perplexity(backend, eval_tokens(backend.tokenizer, [str(corpus)], "all", 1000), ctx=32)
-    assert reported["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+    reported = cli_eval_matches_library(trained_fftnet, 1000)
     assert 1 < reported["ppl"] < 400 * 2
 
 

@@ -193,20 +193,12 @@ def trained_fourier(corpus, tmp_path_factory) -> Path:
     return out
 
 
-def test_cli_trains_and_evaluates_a_fourier_head_model(capsys, corpus, trained_fourier):
-    from runtime import eval_tokens, load_backend, perplexity
-
+def test_cli_trains_and_evaluates_a_fourier_head_model(trained_fourier, cli_eval_matches_library):
     saved = json.loads((trained_fourier / "config.json").read_text())
     assert saved["head"] == "fourier" and saved["fourier_frequencies"] == 12
     metrics = [json.loads(line) for line in (trained_fourier / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in metrics)
-    capsys.readouterr()
-    assert main(["eval", str(trained_fourier), "--data", str(corpus), "--split", "all", "--ctx", "32", "--json",
-                 "--quiet", "--max-tokens", "1000"]) == 0
-    reported = json.loads(capsys.readouterr().out)
-    backend = load_backend(trained_fourier)
-    expected = perplexity(backend, eval_tokens(backend.tokenizer, [str(corpus)], "all", 1000), ctx=32)
-    assert reported["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
+    reported = cli_eval_matches_library(trained_fourier, 1000)
     assert 1 < reported["ppl"] < 1 / DENSITY_FLOOR
 
 
