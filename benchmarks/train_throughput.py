@@ -4,7 +4,8 @@ Both models are built from one preset, differing only in `p`, and timed in the s
 process on synthetic random token batches (no dataset). Each step is the step of
 `fanformer train` (fanformer/training.py): AdamW over `param_groups` (fused on CUDA),
 `lm_loss` under `autocast` (bf16 on CUDA, fp32 on CPU), backward, gradient clipping,
-optimizer step, and the per-step `loss.item()` the training loop also does.
+optimizer step. Like the training loop, it reads the loss back only at log steps, so the
+GPU is never waited on inside the timed steps (the final synchronize is timed).
 
 FLOPs per token (forward + backward), the PaLM-appendix / nanoGPT estimate:
 

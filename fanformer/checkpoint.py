@@ -138,7 +138,7 @@ def save_checkpoint(out: str | Path, model: FANformer, tokenizer, *,
         (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         save_tokenizer(tokenizer, tmp, model_max_length=config.max_seq_len)
-        generation = {**special, **DEFAULT_SAMPLING, "max_length": config.max_seq_len}
+        generation = {**special, **DEFAULT_SAMPLING}
         (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2))
         if training_state is not None:
             tensors, state = training_state

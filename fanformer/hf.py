@@ -5,18 +5,26 @@ checkpoint directory without `trust_remote_code`: the code is this installed pac
 never code read from the checkpoint. The wrapper holds the plain `FANformer` module as
 `.model`; its KV cache is transformers' own `Cache`, which the model's attention
 drives through the same `update(key, value, layer_idx)` call as `fanformer.model.KVCache`.
+
+transformers 5.25 renamed the cache argument and output field from `past_key_values` to
+`cache`; `forward` takes either name and returns the cache under the name the installed
+version's output class declares, so `generate` and hand-written cache loops work on every
+version `pyproject.toml` allows (tested on the oldest and the newest).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 
 MODEL_TYPE = "fanformer"
+# The output field that carries the cache: `cache` from transformers 5.25, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class FANformerHFConfig(PretrainedConfig):
@@ -70,17 +78,22 @@ class FANformerForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, labels=None,
+                position_ids: torch.Tensor | None = None, cache=None, past_key_values=None, labels=None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=past_key_values)
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache as `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
 def register() -> None:

@@ -216,17 +216,20 @@ def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
 
 def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.optim.Optimizer,
                    tokens: np.ndarray, starts: np.ndarray, seq_len: int, config: TrainConfig,
-                   dist_info: Dist, device: torch.device) -> tuple[float, float]:
+                   dist_info: Dist, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this process's share of the global batch `starts`.
 
     Micro-batch m of rank r takes rows (m * world + r) * batch_size onwards; DDP syncs
     gradients only on the last micro-batch. Returns the mean loss over all ranks and the
-    gradient norm before clipping.
+    gradient norm before clipping, as 0-d tensors on `device`: reading them (`.item()`)
+    waits for the GPU, so the loop does it only at log steps.
     """
     loss_sum = torch.zeros((), device=device)
     for micro in range(config.grad_accum):
         first = (micro * dist_info.world + dist_info.rank) * config.batch_size
         x, y = windows(tokens, starts[first:first + config.batch_size], seq_len)
+        if device.type == "cuda":  # page-locked, so the copies below overlap the previous step's kernels
+            x, y = x.pin_memory(), y.pin_memory()
         last_micro = micro == config.grad_accum - 1
         with (contextlib.nullcontext() if last_micro or dist_info.world == 1 else net.no_sync()), autocast(device):
             # aux: the Fourier head's smoothness penalty (0 for the linear head); the logged loss is the LM loss.
@@ -235,14 +238,14 @@ def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.opti
         ((loss + aux) / config.grad_accum).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 \
-        else torch.zeros(())
+        else torch.zeros((), device=device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean_loss = loss_sum / config.grad_accum
     if dist_info.world > 1:
         dist.all_reduce(mean_loss)
         mean_loss /= dist_info.world
-    return mean_loss.item(), float(grad_norm)
+    return mean_loss, grad_norm
 
 
 def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
@@ -297,20 +300,24 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = batch_starts(len(train_tokens), seq_len, global_batch, config.seed, step)
-        train_loss, grad_norm = optimizer_step(net, model, optimizer, train_tokens, starts, seq_len,
-                                               config, dist_info, device)
+        loss_t, grad_norm_t = optimizer_step(net, model, optimizer, train_tokens, starts, seq_len,
+                                             config, dist_info, device)
         step += 1
         tokens_seen += global_batch * seq_len
         tokens_since += global_batch * seq_len
         bar.update(1)
         record = None
+        evaluating = bool(config.eval_every and step % config.eval_every == 0) or step == stop
+        if step % config.log_every == 0 or evaluating:
+            train_loss = loss_t.item()  # the only waits on the device: log and eval steps
         if step % config.log_every == 0 or step == stop:
+            grad_norm = grad_norm_t.item()
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": grad_norm,
                       "tokens": tokens_seen, "tok_per_s": round(tokens_since / max(elapsed, 1e-9), 1)}
             t0, tokens_since = time.perf_counter(), 0
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
-        if (config.eval_every and step % config.eval_every == 0) or step == stop:
+        if evaluating:
             val = evaluate(model, val_tokens, seq_len, config.batch_size, config.eval_batches, device)
             if val is not None:
                 record = record or {"step": step, "loss": round(train_loss, 6), "tokens": tokens_seen}

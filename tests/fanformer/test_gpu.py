@@ -22,7 +22,7 @@ def test_bf16_training_step_matches_fp32_cpu_step():
         optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=device == "cuda")
         train = TrainConfig(batch_size=4)
         losses[device] = [optimizer_step(model, model, optimizer, tokens, starts, 128, train, Dist(),
-                                         torch.device(device))[0] for _ in range(3)]
+                                         torch.device(device))[0].item() for _ in range(3)]
     # bf16 autocast on CUDA against fp32 on the CPU: the same losses to bf16 precision.
     np.testing.assert_allclose(losses["cuda"], losses["cpu"], rtol=2e-2)
     assert losses["cuda"][-1] < losses["cuda"][0]
