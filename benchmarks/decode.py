@@ -54,9 +54,9 @@ from common import device_name  # benchmarks/common.py: a script's own folder is
 from fanformer.config import PRESETS, FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
-from runtime import drift_table, load_backend
-from runtime.backend import DTYPES, Backend
-from runtime.torch_backend import TorchBackend
+from fanformer.runtime import decode_timing, load_backend
+from fanformer.runtime.backend import DTYPES, Backend
+from fanformer.runtime.torch_backend import TorchBackend
 
 SHORT_CONTEXT, LONG_CONTEXT = 16, 512
 
@@ -80,9 +80,9 @@ def weight_stats(backend: Backend) -> tuple[int | None, int | None]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory: Linux's VmHWM (runtime.drift_table's reader),
+    """This process's peak resident memory: Linux's VmHWM (runtime.decode_timing's reader),
     else ru_maxrss, which survives exec and so may report a big parent's peak."""
-    vm_hwm = drift_table.peak_rss_bytes()
+    vm_hwm = decode_timing.peak_rss_bytes()
     if vm_hwm is not None:
         return vm_hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -146,8 +146,8 @@ class GenaiTimer:
 
     def __init__(self, folder: str):
         from fanformer.config import FANformerConfig
-        from runtime.backend import BackendInfo
-        from runtime.genai import GenaiSession
+        from fanformer.runtime.backend import BackendInfo
+        from fanformer.runtime.genai import GenaiSession
 
         self.session = GenaiSession(folder)
         config = FANformerConfig.from_file(folder)
@@ -182,7 +182,7 @@ class LlamaCppTimer:
             import llama_cpp
         except ImportError:
             raise FANformerError("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python") from None
-        from runtime.backend import BackendInfo
+        from fanformer.runtime.backend import BackendInfo
 
         self.llama_cpp = llama_cpp
         try:  # n_ctx 0: the file's context length; one batch takes the longest prompt whole

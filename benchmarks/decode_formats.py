@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from export import export
+    from fanformer.export import export
+    from fanformer.runtime.validation import VALIDATORS
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fanformer-decode-"))
     checkpoints = {}  # llama: checkpoint
@@ -146,7 +147,7 @@ def main() -> None:
         if format is not None:
             path = export_path(work, format, options)
             if not path.exists():
-                export(checkpoint, format, path, **options)
+                export(checkpoint, format, path, validate=VALIDATORS.get(format), **options)
         timing = time_variant(path, flags, args)
         if "error" in timing:
             failed.append(f"{variant}: {timing['error']}")

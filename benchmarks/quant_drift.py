@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from fanformer.checkpoint import WEIGHTS_FILE, load_config
-from runtime.variants import FAN_PROJECTION as FAN
+from fanformer.runtime.variants import FAN_PROJECTION as FAN
 # row label -> (method, options)
 ROWS = {
     "RTN w4 g128": ("rtn", dict(bits=4, group_size=128)),
@@ -64,9 +64,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from quant.checkpoint import quantize_checkpoint
-    from quant.config import CONFIGS, CalibratedConfig
-    from runtime import drift, eval_tokens, fp16_reference, load_backend
+    from fanformer.quant.checkpoint import quantize_checkpoint
+    from fanformer.quant import methods
+    from fanformer.quant.config import CalibratedConfig
+    from fanformer.runtime import drift, eval_tokens, fp16_reference, load_backend
 
     checkpoint = Path(args.checkpoint)
     max_seq_len = load_config(checkpoint).max_seq_len
@@ -81,10 +82,10 @@ def main() -> None:
         labels.insert(0, "RTN w4 g128")  # the baseline the kept rows are read against
     for label in dict.fromkeys(labels):
         method, options = rows[label]
-        if issubclass(CONFIGS[method], CalibratedConfig):
+        if issubclass(methods()[method], CalibratedConfig):
             options = dict(options, calib_samples=args.calib_samples, calib_seq_len=seq_len)
         out = work / label.replace(" ", "_").replace(",", "")
-        report = quantize_checkpoint(checkpoint, CONFIGS[method](**options), out, force=True,
+        report = quantize_checkpoint(checkpoint, methods()[method](**options), out, force=True,
                                      cache_dir=args.cache_dir, progress=False)
         result = drift(load_backend(out), reference, tokens, ctx=ctx, progress=False).to_dict()
         results[label] = {"file_bytes": (out / WEIGHTS_FILE).stat().st_size, "quantize_seconds": report["seconds"],

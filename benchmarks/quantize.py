@@ -42,21 +42,22 @@ INTEGER = ("rtn", "gptq", "awq")
 
 
 def method_config(method: str, args):
-    from quant.config import CONFIGS
+    from fanformer.quant import methods
 
-    if method not in CONFIGS:
-        raise SystemExit(f"method {method} is not available here (known: {', '.join(CONFIGS)})")
+    known = methods()
+    if method not in known:
+        raise SystemExit(f"method {method} is not available here (known: {', '.join(known)})")
     if method not in INTEGER:
-        return CONFIGS[method]()
+        return known[method]()
     options = dict(bits=args.bits, group_size=args.group_size, keep=tuple(args.keep or ()))
     if method in CALIBRATED:
         options.update(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
-    return CONFIGS[method](**options)
+    return known[method](**options)
 
 
 def run_one(args) -> None:
     """Child process: quantize once, print the measurements as JSON."""
-    from quant.checkpoint import quantize_checkpoint
+    from fanformer.quant.checkpoint import quantize_checkpoint
 
     torch.set_num_threads(args.threads) if args.threads else None
     start = time.perf_counter()
@@ -97,7 +98,7 @@ def main() -> None:
     seq_len = args.calib_seq_len or min(512, max_seq_len)
 
     from fanformer.tokenizer import load_tokenizer
-    from quant.calibration import calibration_tokens
+    from fanformer.quant.calibration import calibration_tokens
 
     calibration_tokens(load_tokenizer(checkpoint), None, args.calib_samples, seq_len, cache_dir=args.cache_dir)
     float_bytes = (checkpoint / WEIGHTS_FILE).stat().st_size

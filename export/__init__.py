@@ -1,62 +1,80 @@
-"""Exporters: one entry point, `export(checkpoint, format, out, **options)`, and a
-registry of formats, so a new format is one new module and one line below."""
+"""Exporters: one entry point, `export(checkpoint, format, out, **options)`, over a registry.
+
+A format registers itself from a module of this package whose name ends in `_format`
+(`onnx_format.py`, `gguf_format.py`): its name, a one-line summary, an options dataclass
+(its fields, with their `knob` help and choices, become `fanformer export` flags), its
+default output path and its writer, which is imported only when an export runs. A new
+format is one such module. `formats()` imports them once.
+
+Nothing here runs a model: checking an export is the runtime's job, so `export` takes the
+check as a callback (`validate`; `fanformer.runtime.validation.VALIDATORS`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fanformer.errors import FANformerError
 
 
-def _onnx(checkpoint, out, **options):
-    from export.onnx_export import export_onnx
-
-    return export_onnx(checkpoint, out, **options)
-
-
-def _gguf(checkpoint, out, **options):
-    from export.gguf_export import export_gguf
-
-    return export_gguf(checkpoint, out, **options)
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    summary: str  # one line, for --help
+    options: type  # a dataclass validated in __post_init__; its fields are the format's flags
+    default_output: Callable[[Path, Any], Path]  # (checkpoint, options) -> a path beside the checkpoint
+    # (checkpoint, out, options, force, validate) -> out; imports the heavy writer when called.
+    write: Callable[..., Path]
 
 
-EXPORTERS = {"onnx": _onnx, "gguf": _gguf}
+FORMATS: dict[str, ExportFormat] = {}
+
+
+def register(fmt: ExportFormat) -> ExportFormat:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def formats() -> dict[str, ExportFormat]:
+    """Every registered format, importing this package's `*_format` modules the first time."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name.endswith("_format"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    return FORMATS
+
+
+def get_format(name: str) -> ExportFormat:
+    known = formats()
+    if name not in known:
+        raise FANformerError(f"unknown export format {name!r}; choose one of {', '.join(known)}")
+    return known[name]
+
+
+def make_options(format: str, **options) -> Any:
+    """The format's options dataclass from keyword options, refusing names it does not have."""
+    cls = get_format(format).options
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise FANformerError(f"{', '.join(unknown)} do not apply to {format}; its options are {', '.join(sorted(names))}")
+    return cls(**options)
 
 
 def default_output(checkpoint: str | Path, format: str, **options) -> Path:
-    """Beside the checkpoint: the file `<checkpoint>[-llama]-<type>.gguf` for GGUF (`-llama`
-    for --arch llama only; a quantized checkpoint's type is the one it is carried into), else the folder `<checkpoint>-<format>[-<dtype>][-<quantize>][-bs<block size>]`."""
-    checkpoint = Path(checkpoint)
-    if format == "gguf":
-        from export import gguf_format
-
-        parts = [checkpoint.name] + (["llama"] if options.get("arch") == gguf_format.LLAMA_ARCH else [])
-        parts.append(options.get("type") or carried_type_name(checkpoint) or gguf_format.DEFAULT_WEIGHT_TYPE)
-        return checkpoint.with_name("-".join(parts) + gguf_format.FILE_SUFFIX)
-    parts = [format] + [str(options[k]) for k in ("dtype", "quantize") if options.get(k) not in (None, "fp32")]
-    if options.get("block_size") is not None:
-        parts.append(f"bs{options['block_size']}")
-    return checkpoint.with_name(f"{checkpoint.name}-{'-'.join(parts)}")
-
-
-def carried_type_name(checkpoint: Path) -> str | None:
-    """The GGUF type a quantized checkpoint is carried into ("q4_0", ...), None for a float one."""
-    from fanformer.checkpoint import read_quantization_config
-
-    quantization = read_quantization_config(checkpoint)
-    if quantization is None:
-        return None
-    from export.gguf_carry import target_type
-
-    return target_type(quantization["bits"], quantization["sym"]).name.lower()
+    return get_format(format).default_output(Path(checkpoint), make_options(format, **options))
 
 
 def refuse_bitsandbytes(checkpoint: str | Path, format: str) -> None:
     """ONNX and GGUF carry a quantized checkpoint's GPTQ-layout integers only; bnb's int8
     rows and NF4 codes have no counterpart there."""
     from fanformer.checkpoint import read_quantization_config
-    from quant.checkpoint import describe
-    from quant.config import BNB_QUANT_METHOD
+    from fanformer.quant.config import BNB_QUANT_METHOD, describe
 
     quantization = read_quantization_config(checkpoint)
     if quantization is not None and quantization.get("quant_method") == BNB_QUANT_METHOD:
@@ -65,8 +83,12 @@ def refuse_bitsandbytes(checkpoint: str | Path, format: str) -> None:
                              "(it can be quantized on export)")
 
 
-def export(checkpoint: str | Path, format: str, out: str | Path | None = None, **options) -> Path:
-    if format not in EXPORTERS:
-        raise FANformerError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}")
+def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *, force: bool = False,
+           validate: Callable[[Path, Path, str], object] | None = None, **options) -> Path:
+    """Write `checkpoint` in `format` to `out` (default: `default_output`); `validate` checks
+    the finished output before it is moved into place (see the format's writer)."""
+    fmt = get_format(format)
+    opts = make_options(format, **options)
     refuse_bitsandbytes(checkpoint, format)
-    return EXPORTERS[format](checkpoint, out or default_output(checkpoint, format, **options), **options)
+    out = Path(out) if out is not None else fmt.default_output(Path(checkpoint), opts)
+    return fmt.write(Path(checkpoint), out, opts, force=force, validate=validate)

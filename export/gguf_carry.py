@@ -38,8 +38,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 from gguf import quants
 
-from quant.linear import QuantLinear
-from quant.packing import unpack
+from fanformer.export import gguf_format as names
+from fanformer.quant.linear import QuantLinear
+from fanformer.quant.packing import unpack
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,7 @@ UNBLOCKED_TYPE = Q.F32  # a quantized layer whose rows are not whole blocks of 3
 
 def target_type(bits: int, sym: bool) -> GGMLQuantizationType:
     """The GGUF type a quantized checkpoint's layers are carried into."""
-    if bits == 8:
-        return Q.Q8_0
-    return Q.Q4_0 if sym else Q.Q4_1
+    return names.WEIGHT_TYPES[names.carried_type(bits, sym)][0]
 
 
 @dataclass

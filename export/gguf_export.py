@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +49,12 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, TokenType
 from gguf import quants
 
-from export import gguf_format as names
-from fanformer.checkpoint import load_model, model_state_dict, read_quantization_config
+from fanformer.export import gguf_format as names
+from fanformer.checkpoint import model_state_dict, read_quantization_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
+from fanformer.outputs import write_file_atomically
+from fanformer.quant.checkpoint import load_any_model
 from fanformer.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
 
 log = logging.getLogger(__name__)
@@ -165,25 +165,6 @@ def check_output_file(out: Path, force: bool) -> Path:
     return out
 
 
-def write_file_atomically(out: Path, write) -> Path:
-    """Call `write(tmp_path)` on a temporary file beside `out`, then rename it over `out`:
-    a failure leaves the old file (or none), never a half-written one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp makes owner-only files
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
-
-
 def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
     adders = {"uint32": writer.add_uint32, "float32": writer.add_float32, "float64": writer.add_float64,
               "bool": writer.add_bool, "string": writer.add_string}
@@ -201,11 +182,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
         raise FANformerError(f"unsupported GGUF architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     check_output_file(out, force)
     qconfig = read_quantization_config(checkpoint)
-    if qconfig is None:
-        model = load_model(checkpoint)
-    else:
-        from quant.checkpoint import load_quantized_model
-        model = load_quantized_model(checkpoint)
+    model = load_any_model(checkpoint)
     config = model.config
     if config.head != "linear" or config.mixer != "attention":
         raise FANformerError(f"{checkpoint} has head = {config.head!r} and mixer = {config.mixer!r}, but GGUF "
@@ -220,7 +197,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     weight_type, file_type = names.WEIGHT_TYPES[type]
     carried_type = None
     if qconfig is not None:
-        from export import gguf_carry
+        from fanformer.export import gguf_carry
         carried_type = gguf_carry.target_type(qconfig["bits"], bool(qconfig.get("sym", True)))
         file_type = gguf_carry.FILE_TYPES[carried_type]
 

@@ -1,4 +1,6 @@
-"""Every GGUF key and tensor name this project writes or reads, in one place.
+"""The GGUF format: every key and tensor name this project writes or reads, the export
+options, file detection, and the registration with the exporter registry (the writer is
+export/gguf_export.py, the reader runtime/gguf_backend.py).
 
 Keys and tensor names follow llama.cpp (gguf-py's `Keys` and `TENSOR_NAMES`) wherever
 llama.cpp has one; FANformer's own parts (the FAN projection, CoLA factors, residual
@@ -9,12 +11,19 @@ Format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from gguf import GGMLQuantizationType, LlamaFileType
+
+from fanformer.config import knob
+from fanformer.errors import FANformerError
+from fanformer.export import ExportFormat, register
 
 ARCH = "fanformer"
 LLAMA_ARCH = "llama"
 FILE_SUFFIX = ".gguf"
+MAGIC = b"GGUF"
 
 # --- Hyperparameters (format with arch=...) -----------------------------------------
 # llama.cpp's names.
@@ -150,3 +159,56 @@ def gguf_tensor_name(state_key: str) -> str:
 def tensor_names(state_keys) -> dict[str, str]:
     """{GGUF name: state_dict key} for a model's keys: how a reader maps tensors back."""
     return {gguf_tensor_name(k): k for k in state_keys}
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A file named *.gguf, or any file that starts with the GGUF magic."""
+    if not path.is_file():
+        return False
+    if path.suffix == FILE_SUFFIX:
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def carried_type(bits: int, sym: bool) -> str:
+    """The --type a quantized checkpoint's layers are carried into (export/gguf_carry.py)."""
+    return "q8_0" if bits == 8 else ("q4_0" if sym else "q4_1")
+
+
+# --- Export options ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    type: str | None = knob(None, f"type of the 2-D weights (default {DEFAULT_WEIGHT_TYPE}; 1-D tensors stay f32)",
+                            choices=tuple(WEIGHT_TYPES))
+    arch: str = knob(ARCH, "fanformer (every option) or llama (llama.cpp's own; p=0 pre-norm models only)",
+                     choices=(ARCH, LLAMA_ARCH))
+
+    def __post_init__(self) -> None:
+        if self.type is not None and self.type not in WEIGHT_TYPES:
+            raise FANformerError(f"unsupported GGUF type {self.type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+        if self.arch not in (ARCH, LLAMA_ARCH):
+            raise FANformerError(f"unsupported GGUF architecture {self.arch!r}; choose one of {ARCH}, {LLAMA_ARCH}")
+
+
+def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
+    """The file `<checkpoint>[-llama]-<type>.gguf` beside the checkpoint; a quantized
+    checkpoint's type is the one it is carried into."""
+    from fanformer.checkpoint import read_quantization_config
+
+    quantization = read_quantization_config(checkpoint)
+    carried = carried_type(quantization["bits"], quantization["sym"]) if quantization else None
+    parts = [checkpoint.name] + (["llama"] if options.arch == LLAMA_ARCH else [])
+    parts.append(options.type or carried or DEFAULT_WEIGHT_TYPE)
+    return checkpoint.with_name("-".join(parts) + FILE_SUFFIX)
+
+
+def write(checkpoint: Path, out: Path, options: GGUFOptions, force: bool, validate) -> Path:
+    from fanformer.export.gguf_export import export_gguf
+
+    # No check runs here (`validate` is not called): the GGUF tests and the drift table run the file.
+    return export_gguf(checkpoint, out, type=options.type or DEFAULT_WEIGHT_TYPE, arch=options.arch, force=force)
+
+
+register(ExportFormat("gguf", "one file for llama.cpp-style runtimes", GGUFOptions, default_output, write))

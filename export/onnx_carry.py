@@ -28,8 +28,8 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 
 from fanformer.errors import FANformerError
-from quant.linear import QuantLinear, set_module
-from quant.packing import unpack
+from fanformer.quant.linear import QuantLinear, set_module
+from fanformer.quant.packing import unpack
 
 CARRY_BITS = (4, 8)
 MS_DOMAIN = "com.microsoft"

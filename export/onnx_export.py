@@ -20,15 +20,17 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from export import onnx_format as names
-from export import onnx_carry, onnx_quant
+from fanformer.export import onnx_format as names
+from fanformer.export import onnx_carry, onnx_quant
 from fanformer.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, check_output_dir, load_model,
-                                  load_generation_config, read_quantization_config, write_directory_atomically)
+                                  load_generation_config, read_quantization_config)
 from fanformer.errors import FANformerError
+from fanformer.outputs import write_directory_atomically
 from fanformer.model import FANformer
 from fanformer.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, special_token_ids
 
@@ -37,19 +39,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Largest |logit difference| against PyTorch fp32 that validation accepts, per export
-# kind (the --quantize method if any, else the dtype): about twice the worst seen over
-# `validate`'s 24 positions, at every block size and with fp32 or fp16 activations, on
-# three models: a trained 4-layer d=128 one (vocab 2048), a random-init tiny one and an
-# overfit tiny one (vocab 400; its peaked logits move the most). Worst seen:
-#   fp16 0.0089; int8 0.27; int8-wo 0.25; int4 2.5.
-# int4 moves logits by whole units; its telling measure is the top-1 agreement of the
-# next-token argmax, which validation reports (on the d=128 model: 79% on validation's
-# random tokens, 83% on held-out text, against 96% for int8 and 99% for int8-wo).
-TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 0.6, "int8-wo": 0.5, "int4": 5.0}
-# A quantized checkpoint's export (export/onnx_carry.py) is validated against the PyTorch
-# backend on that same quantized checkpoint: the same integers, so only float rounding differs.
-TOLERANCE["carried"] = 1e-3
 
 
 class _ExportCache:
@@ -154,56 +143,18 @@ def genai_config(model: FANformer, special: dict[str, int], generation: dict) ->
     }
 
 
-def compare_logits(checkpoint: Path, folder: Path) -> tuple[float, float]:
-    """(max |logit difference|, top-1 agreement) of onnxruntime against PyTorch fp32 over
-    a prefill and two decode steps, at batch 1 and batch 2 (with left padding)."""
-    from runtime.backend import load_backend
-
-    reference = load_backend(checkpoint, format="pytorch")
-    onnx = load_backend(folder, format="onnx")
-    generator = torch.Generator().manual_seed(0)
-    worst, agree = 0.0, []
-    for lengths in ([7], [7, 4]):
-        batch, width = len(lengths), max(lengths)
-        ids = torch.randint(3, reference.info.vocab_size, (batch, width), generator=generator)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, n in enumerate(lengths):
-            mask[row, width - n:] = 1
-            ids[row, :width - n] = reference.info.pad_id
-        caches = [b.new_cache(batch) for b in (reference, onnx)]
-        steps = [(ids, mask)]
-        for _ in range(2):
-            steps.append((torch.randint(3, reference.info.vocab_size, (batch, 1), generator=generator),
-                          torch.cat([steps[-1][1], torch.ones(batch, 1, dtype=torch.long)], dim=1)))
-        for step_ids, step_mask in steps:
-            expected = reference.forward(step_ids, step_mask, caches[0])
-            got = onnx.forward(step_ids, step_mask, caches[1])
-            real = step_mask[:, -step_ids.shape[1]:].bool()  # padded positions' logits are never used
-            worst = max(worst, float((got - expected).abs()[real].max()))
-            agree.append((got.argmax(-1) == expected.argmax(-1))[real])
-    return worst, float(torch.cat(agree).double().mean())
-
-
-def validate(checkpoint: Path, folder: Path, kind: str) -> float:
-    """Max |logit difference| against PyTorch fp32 (see `compare_logits`); raises above
-    TOLERANCE[kind], where `kind` is the dtype or the quantization method."""
-    worst, top1 = compare_logits(checkpoint, folder)
-    log.info("validation: max |logit difference| against PyTorch fp32 = %.3g (tolerance %.3g), "
-             "top-1 agreement %.1f%%", worst, TOLERANCE[kind], 100 * top1)
-    if not worst <= TOLERANCE[kind]:
-        raise FANformerError(f"ONNX validation failed: logits differ from PyTorch by {worst:.3g} "
-                             f"(tolerance {TOLERANCE[kind]:.3g} for {kind}); please report this with the checkpoint")
-    return worst
-
-
 def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
-                block_size: int | None = None, force: bool = False, validate_output: bool = True) -> Path:
+                block_size: int | None = None, force: bool = False,
+                validate: Callable[[Path, Path, str], object] | None = None) -> Path:
     """Export `checkpoint` to the folder `out` (written under a temporary name, then renamed),
-    optionally quantized (`quantize`: int8, int4 or int8-wo; see export/onnx_quant.py)."""
+    optionally quantized (`quantize`: int8, int4 or int8-wo; see export/onnx_quant.py).
+
+    `validate(checkpoint, folder, kind)` runs on the finished folder before it is renamed
+    into place and raises to refuse it; `kind` is "carried" for a quantized checkpoint, else
+    the --quantize method or the dtype. The runtime provides one
+    (`fanformer.runtime.validation.validate_onnx`); the exporter itself runs no model."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if dtype not in DTYPES:
-        raise FANformerError(f"unsupported ONNX dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    onnx_quant.check_options(quantize, dtype, block_size)
+    names.OnnxOptions(dtype=dtype, quantize=quantize, block_size=block_size)  # checks them together
     qconfig = read_quantization_config(checkpoint)
     carried = {}
     if qconfig is not None:
@@ -218,7 +169,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
         onnx_carry.check_carry(qconfig)
     check_output_dir(out, force)
     if qconfig is not None:
-        from quant.checkpoint import load_quantized_model
+        from fanformer.quant.checkpoint import load_quantized_model
 
         model, carried = onnx_carry.dequantized_model(load_quantized_model(checkpoint))
         for layer in carried.values():  # refuse before exporting anything
@@ -247,7 +198,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
             if (checkpoint / name).is_file():
                 shutil.copy(checkpoint / name, tmp / name)
         (tmp / names.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, special, generation), indent=2))
-        if validate_output:
+        if validate is not None:
             validate(checkpoint, tmp, "carried" if qconfig is not None else quantize or dtype)
 
     return write_directory_atomically(out, write)

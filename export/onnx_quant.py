@@ -27,32 +27,7 @@ from pathlib import Path
 
 import onnx
 
-from export import onnx_format as names
-from fanformer.errors import FANformerError
-
-METHODS = ("int8", "int4", "int8-wo")
-BLOCK_SIZES = (32, 64, 128)
-DEFAULT_BLOCK_SIZE = 32
-
-
-def check_options(quantize: str | None, dtype: str, block_size: int | None) -> None:
-    """Raise one FANformerError for a combination of flags this module cannot honour."""
-    if quantize is None:
-        if block_size is not None:
-            raise FANformerError("--block-size only applies to --quantize int4 or int8-wo")
-        return
-    if quantize not in METHODS:
-        raise FANformerError(f"unknown ONNX quantization {quantize!r}; choose one of {', '.join(METHODS)}")
-    if quantize == "int8" and dtype != "fp32":
-        raise FANformerError("--quantize int8 needs --dtype fp32 (onnxruntime's dynamic quantization reads "
-                             "fp32 graphs); for fp16 activations use --quantize int4 or int8-wo")
-    if block_size is not None and quantize == "int8":
-        raise FANformerError("--block-size only applies to --quantize int4 or int8-wo "
-                             "(int8 quantizes per output channel)")
-    if block_size is not None and block_size not in BLOCK_SIZES:
-        raise FANformerError(f"invalid --block-size {block_size}; choose one of "
-                             f"{', '.join(map(str, BLOCK_SIZES))}")
-
+from fanformer.export import onnx_format as names
 
 def quantize_dynamic_int8(model: Path, out: Path, block_size: int, large: bool) -> None:
     """MatMul weights to int8 per output channel; activations quantized at run time.
@@ -99,7 +74,7 @@ def quantize_onnx(folder: Path, method: str, block_size: int | None = None) -> N
         # Write under the final file name, so that the external data file is DATA_FILE
         # and the graph refers to it as such; then move both into place.
         out = Path(scratch) / names.MODEL_FILE
-        QUANTIZERS[method](model, out, block_size or DEFAULT_BLOCK_SIZE, large)
+        QUANTIZERS[method](model, out, block_size or names.DEFAULT_BLOCK_SIZE, large)
         onnx.checker.check_model(str(out))
         data.unlink(missing_ok=True)
         for written in Path(scratch).iterdir():

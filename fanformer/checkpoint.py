@@ -13,10 +13,6 @@ with renames, so a crash leaves the old checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,12 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
+from fanformer.outputs import write_directory_atomically
 from fanformer.model import FANformer
 from fanformer.tokenizer import TOKENIZER_FILE
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_TYPE = "fanformer"  # config.json's model_type: what transformers' Auto classes dispatch on
 TRAINING_STATE_FILE = "training_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
@@ -56,59 +54,8 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
     return out
 
 
-def write_directory_atomically(out: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)`, then swap tmp_dir in as `out` (the old one is removed last)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        _make_readable(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_file)` beside `path`, then rename it over `path`: readers see the
-    old file or the new one, never half of one (reports, plots)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _make_readable(directory: Path) -> None:
-    """mkdtemp/mkstemp create owner-only files; give the checkpoint the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def hf_config_dict(config: FANformerConfig, special_ids: dict[str, int]) -> dict:
     """config.json content: the config fields plus what transformers needs to dispatch."""
-    from fanformer.hf import MODEL_TYPE  # transformers is imported lazily: it is slow to import
-
     return {"model_type": MODEL_TYPE, "architectures": ["FANformerForCausalLM"],
             "tie_word_embeddings": config.tie_embeddings, **special_ids, **config.to_dict()}
 

@@ -22,9 +22,10 @@ HEADS = ("linear", "fourier")
 MIXERS = ("attention", "fftnet")
 
 
-def knob(default: Any, help: str) -> Any:
-    """A config field with its description (the CLI shows it in --help)."""
-    return field(default=default, metadata={"help": help})
+def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its description (the CLI shows it in --help) and, where the
+    values are a fixed set, its choices (the CLI offers and checks them)."""
+    return field(default=default, metadata={"help": help, **({"choices": tuple(choices)} if choices else {})})
 
 
 @dataclass

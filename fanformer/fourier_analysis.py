@@ -188,7 +188,7 @@ def plot_spectra(result: dict, path: Path) -> None:
 def save_analysis(result: dict, out: str | Path) -> list[Path]:
     """Write fourier.png and fourier.json into the folder `out` (each file replaced
     atomically; they are derived from the checkpoint, so an old pair is overwritten)."""
-    from fanformer.checkpoint import write_file_atomically
+    from fanformer.outputs import write_file_atomically
 
     out = Path(out)
     if out.exists() and not out.is_dir():

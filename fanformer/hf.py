@@ -1,6 +1,7 @@
 """transformers integration: `AutoConfig` / `AutoModelForCausalLM` classes for FANformer.
 
-Registered on `import fanformer`, so `AutoModelForCausalLM.from_pretrained(dir)` loads a
+Importing this module registers them (`register()`; `import fanformer` alone does not, so
+that it stays cheap), and then `AutoModelForCausalLM.from_pretrained(dir)` loads a
 checkpoint directory without `trust_remote_code`: the code is this installed package,
 never code read from the checkpoint. The wrapper holds the plain `FANformer` module as
 `.model`; its KV cache is transformers' own `Cache`, which the model's attention
@@ -19,10 +20,10 @@ from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, Genera
                           PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from fanformer.checkpoint import MODEL_TYPE
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 
-MODEL_TYPE = "fanformer"
 # The output field that carries the cache: `cache` from transformers 5.25, `past_key_values` before.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -99,3 +100,6 @@ class FANformerForCausalLM(PreTrainedModel, GenerationMixin):
 def register() -> None:
     AutoConfig.register(MODEL_TYPE, FANformerHFConfig, exist_ok=True)
     AutoModelForCausalLM.register(FANformerHFConfig, FANformerForCausalLM, exist_ok=True)
+
+
+register()

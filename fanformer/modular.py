@@ -67,7 +67,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
 
-from fanformer.checkpoint import check_output_dir, save_checkpoint, write_file_atomically
+from fanformer.checkpoint import check_output_dir, save_checkpoint
+from fanformer.outputs import write_file_atomically
 from fanformer.config import HEADS, FANformerConfig, knob
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters

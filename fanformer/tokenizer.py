@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from fanformer.errors import FANformerError
+from fanformer.outputs import write_file_atomically
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -83,16 +83,7 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # Temp file in the same directory so os.replace is a rename on one filesystem:
-    # readers see either the old file or the complete new one, never a partial one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _tokenizer_config(model_max_length: int | None) -> dict:

@@ -1,45 +1,52 @@
 """Post-training weight quantization of FANformer models: one entry point,
 `quantize(model, config, calibration)`, with the method picked by the config's type.
 
-    from quant import GPTQConfig, quantize
+    from fanformer.quant import GPTQConfig, quantize
     report = quantize(model, GPTQConfig(bits=4, group_size=128), calibration=tokens)
 
-Each method is a handler registered for its config type; it returns, per layer name, a
-`QuantizedWeight` on the shared grid (`quant.grid`), and this module swaps the layers
-for packed `QuantLinear`s (`quant.linear`). The math lives in pure functions:
-`quant.rtn.rtn_quantize`, `quant.gptq.gptq_quantize`. A new method (AWQ, ...) is one
-config class, one module with its math, and one registered handler. bitsandbytes' int8
-and nf4 (`quant.bnb`) run as bnb's own modules: their handler swaps them in itself.
+A method is a handler registered for its config type with `@register(ConfigType)`, in
+the module that holds the method (rtn.py, sequential.py for GPTQ, awq.py, bnb.py); the
+config type's `method` is its name, its fields are the `fanformer quantize` flags, and
+`methods()` imports this package's modules once to collect them. A new method is one
+module: its config dataclass (subclassing `QuantConfig`), its math, its handler. A handler
+returns, per layer name, a `QuantizedWeight` on the shared grid (`quant.grid`), and this
+module swaps the layers for packed `QuantLinear`s (`quant.linear`); the math lives in pure
+functions (`rtn.rtn_quantize`, `gptq.gptq_quantize`). bitsandbytes' int8 and nf4
+(`quant.bnb`) run as bnb's own modules: their handler swaps them in itself.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from fanformer.errors import FANformerError
-from quant.config import (CONFIGS, AWQConfig, BnbConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, QuantConfig,
-                          RTNConfig, WeightOnlyConfig)
-from quant.grid import QuantizedWeight
-from quant.linear import QuantLinear, swap_in, target_linears
+from fanformer.quant.config import (AWQConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, QuantConfig, RTNConfig,
+                                    WeightOnlyConfig)
+from fanformer.quant.grid import QuantizedWeight
+from fanformer.quant.linear import QuantLinear, swap_in, target_linears
 
 Handler = Callable[[nn.Module, dict[str, nn.Linear], QuantConfig, "torch.Tensor | None", bool],
                    dict[str, QuantizedWeight]]
 HANDLERS: dict[type, Handler] = {}
+METHODS: dict[str, type] = {}  # method name -> its config type
 SWAPPING: set[type] = set()  # config types whose handler puts its own modules in place (bitsandbytes)
 
 
 def register(config_type: type, swaps: bool = False):
-    """Decorator: the handler that quantizes a model for configs of `config_type`. With
-    `swaps`, the handler replaces the layers itself and returns per layer only the error."""
+    """Decorator: the handler that quantizes a model for configs of `config_type`, which
+    becomes the method `config_type.method`. With `swaps`, the handler replaces the layers
+    itself and returns per layer only the error."""
 
     def wrap(handler: Handler) -> Handler:
         HANDLERS[config_type] = handler
+        METHODS[config_type.method] = config_type
         if swaps:
             SWAPPING.add(config_type)
         return handler
@@ -47,8 +54,24 @@ def register(config_type: type, swaps: bool = False):
     return wrap
 
 
+def methods() -> dict[str, type]:
+    """Method name -> config type, importing this package's modules (where the handlers
+    register) the first time."""
+    for module in pkgutil.iter_modules(__path__):  # imported once; later calls find them in sys.modules
+        importlib.import_module(f"{__name__}.{module.name}")
+    return METHODS
+
+
+def method_config(name: str, **options) -> QuantConfig:
+    """The config of method `name` from keyword options (validated by the config)."""
+    known = methods()
+    if name not in known:
+        raise FANformerError(f"unknown quantization method {name!r}; choose one of {', '.join(known)}")
+    return known[name](**options)
+
+
 def is_quantized(model: nn.Module) -> bool:
-    bnb = sys.modules.get("quant.bnb")  # imported with the first bitsandbytes layer, and only then
+    bnb = sys.modules.get("fanformer.quant.bnb")  # imported with the first bitsandbytes layer, and only then
     return any(isinstance(m, QuantLinear) or (bnb is not None and bnb.is_bnb_linear(m)) for m in model.modules())
 
 
@@ -73,6 +96,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     linears left in float. `calibration` (samples, seq_len) token ids, for methods that need it."""
     if is_quantized(model):
         raise FANformerError("the model is already quantized; quantize its float checkpoint instead")
+    methods()
     handler = HANDLERS.get(type(config))
     if handler is None:
         raise FANformerError(f"no quantization method for {type(config).__name__}; "
@@ -102,49 +126,12 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
             "kept": kept, **extra}
 
 
-def _stages(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str, list[str]]]:
+def stages(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str, list[str]]]:
     """Layer names grouped by block ("blocks.0.", ...) then the LM head, in model order."""
     prefixes = [f"blocks.{i}." for i in range(len(model.blocks))] + ["lm_head"]
     stages = [(prefix, [n for n in layers if n.startswith(prefix)]) for prefix in prefixes]
     return [(prefix, names) for prefix, names in stages if names]
 
 
-@register(RTNConfig)
-def _rtn(model, layers, config: RTNConfig, calibration, progress) -> dict[str, QuantizedWeight]:
-    from quant.rtn import rtn_quantize
-
-    results = {}
-    for prefix, names in tqdm(_stages(model, layers), desc="rtn", unit="block", disable=not progress):
-        for name in names:
-            results[name] = rtn_quantize(layers[name].weight, config.bits, config.group_size, config.sym)
-    return results
-
-
-@register(GPTQConfig)
-def _gptq(model, layers, config: GPTQConfig, calibration, progress) -> dict[str, QuantizedWeight]:
-    from quant.sequential import gptq_sequential
-
-    if calibration is None:
-        raise FANformerError("GPTQ needs calibration data: pass calibration token windows (samples, seq_len)")
-    return gptq_sequential(model, layers, config, calibration, _stages(model, layers), progress)
-
-
-@register(AWQConfig)
-def _awq(model, layers, config: AWQConfig, calibration, progress):
-    from quant.awq import awq_sequential
-
-    if calibration is None:
-        raise FANformerError("AWQ needs calibration data: pass calibration token windows (samples, seq_len)")
-    return awq_sequential(model, layers, config, calibration, _stages(model, layers), progress)
-
-
-@register(BnbInt8Config, swaps=True)
-@register(BnbNF4Config, swaps=True)
-def _bnb(model, layers, config: BnbConfig, calibration, progress):
-    from quant.bnb import bnb_quantize
-
-    return bnb_quantize(model, layers, config, progress)
-
-
-__all__ = ["AWQConfig", "BnbInt8Config", "BnbNF4Config", "CONFIGS", "GPTQConfig", "HANDLERS", "QuantConfig",
-           "QuantLinear", "RTNConfig", "WeightOnlyConfig", "is_quantized", "quantize", "register"]
+__all__ = ["AWQConfig", "BnbInt8Config", "BnbNF4Config", "GPTQConfig", "HANDLERS", "QuantConfig", "QuantLinear",
+           "RTNConfig", "WeightOnlyConfig", "is_quantized", "method_config", "methods", "quantize", "register"]

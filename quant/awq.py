@@ -59,10 +59,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from fanformer.model import Attention, CoLALinear, RMSNorm
-from quant.config import AWQConfig
-from quant.grid import QuantizedWeight, choose_qparams, dequantize, quantize
-from quant.rtn import rtn_quantize
-from quant.sequential import Stages
+from fanformer.errors import FANformerError
+from fanformer.quant import register, stages
+from fanformer.quant.config import AWQConfig
+from fanformer.quant.grid import QuantizedWeight, choose_qparams, dequantize, quantize
+from fanformer.quant.rtn import rtn_quantize
+from fanformer.quant.sequential import Stages
 
 
 def pseudo_quantize(w: torch.Tensor, config: AWQConfig) -> torch.Tensor:
@@ -346,3 +348,9 @@ def _runner(module: nn.Module, inputs: list[torch.Tensor], run: Stages) -> Calla
     return lambda: [module(x) for x in inputs]
 
 
+@register(AWQConfig)
+def awq_handler(model, layers, config: AWQConfig, calibration, progress):
+    """`quantize`'s handler for AWQ."""
+    if calibration is None:
+        raise FANformerError("AWQ needs calibration data: pass calibration token windows (samples, seq_len)")
+    return awq_sequential(model, layers, config, calibration, stages(model, layers), progress)

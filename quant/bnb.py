@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fanformer.errors import FANformerError
-from quant.config import BNB_QUANT_METHOD, BnbConfig, BnbInt8Config, BnbNF4Config
-from quant.linear import set_module, stored_linear
+from fanformer.quant import register
+from fanformer.quant.config import BNB_QUANT_METHOD, BnbConfig, BnbInt8Config, BnbNF4Config
+from fanformer.quant.linear import set_module, stored_linear
 
 
 class _DropFp16CastNotice(logging.Filter):
@@ -245,3 +246,10 @@ def load_bnb_model(path: Path, qconfig: dict, device: str | torch.device = "cpu"
         # own parameter object (which carries SCB / the 4-bit quant_state), not the raw tensor.
         state[f"{name}.weight"] = module.weight
     return load_state(model, state, path, device)  # in eval mode: LLM.int8()'s int8 path, not bnb's training one
+
+
+@register(BnbInt8Config, swaps=True)
+@register(BnbNF4Config, swaps=True)
+def bnb_handler(model, layers, config: BnbConfig, calibration, progress):
+    """`quantize`'s handler for bitsandbytes int8 and nf4: it swaps in bnb's own modules."""
+    return bnb_quantize(model, layers, config, progress)

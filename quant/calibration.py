@@ -1,4 +1,4 @@
-"""Calibration batches for GPTQ (and later AWQ): random windows of the corpus's TRAINING
+"""Calibration batches for GPTQ and AWQ: random windows of the corpus's TRAINING
 split, never the validation or test split the drift is measured on.
 
 The corpus goes through the same document split and token cache as training

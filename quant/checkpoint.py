@@ -28,9 +28,9 @@ from fanformer.checkpoint import (QUANTIZATION_KEY, WEIGHTS_FILE, check_output_d
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
-from quant.config import BNB_QUANT_METHOD, BnbConfig, CalibratedConfig, GPTQConfig, WeightOnlyConfig
-from quant.linear import QuantLinear, set_module, stored_linear
-from quant.packing import BITS, CHECKPOINT_FORMAT
+from fanformer.quant.config import BNB_QUANT_METHOD, BnbConfig, CalibratedConfig, GPTQConfig, WeightOnlyConfig, describe
+from fanformer.quant.linear import QuantLinear, set_module, stored_linear
+from fanformer.quant.packing import BITS, CHECKPOINT_FORMAT
 
 REPORT_FILE = "quant_report.json"
 FORMAT_VERSION = 1  # this project's quantized-checkpoint layout; bump on an incompatible change
@@ -48,7 +48,7 @@ def quantization_config(config: WeightOnlyConfig) -> dict:
 def save_quantized(out: str | Path, model: FANformer, tokenizer, config: WeightOnlyConfig, report: dict) -> Path:
     """A bitsandbytes config saves bnb's own tensors (quant/bnb.py); the others the GPTQ layout."""
     if isinstance(config, BnbConfig):
-        from quant.bnb import quantization_config as bnb_quantization_config
+        from fanformer.quant.bnb import quantization_config as bnb_quantization_config
 
         qconfig = bnb_quantization_config(config, report["kept"])
     else:
@@ -66,7 +66,7 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
     if qconfig is None:
         raise FANformerError(f"{path} is not a quantized checkpoint (no {QUANTIZATION_KEY} in config.json)")
     if qconfig.get("quant_method") == BNB_QUANT_METHOD:  # int8 / nf4 in bnb's modules, kept as saved
-        from quant.bnb import load_bnb_model
+        from fanformer.quant.bnb import load_bnb_model
 
         return load_bnb_model(path, qconfig, device)
     fmt, bits, group_size = qconfig.get("checkpoint_format"), qconfig.get("bits"), qconfig.get("group_size")
@@ -83,11 +83,12 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
     return load_state(model, state, path, device)
 
 
-def describe(qconfig: dict) -> str:
-    """What a quantized checkpoint holds ("gptq 4-bit", "bitsandbytes nf4"), for messages."""
-    if qconfig.get("quant_method") == BNB_QUANT_METHOD:
-        return f"{BNB_QUANT_METHOD} {'int8' if qconfig.get('load_in_8bit') else qconfig.get('bnb_4bit_quant_type')}"
-    return f"{qconfig.get('quant_method')} {qconfig.get('bits')}-bit"
+def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> FANformer:
+    """The model of a float or a quantized checkpoint (whose layers stay quantized): the one
+    place that asks which one a checkpoint is."""
+    if read_quantization_config(path) is None:
+        return load_model(path).to(device)
+    return load_quantized_model(path, device)
 
 
 def load_float_for_quantization(path: str | Path) -> tuple[FANformer, object]:
@@ -103,8 +104,8 @@ def quantize_checkpoint(checkpoint: str | Path, config: WeightOnlyConfig, out: s
                         calib_data: list[str] | None = None, cache_dir: str | Path | None = None,
                         progress: bool = True) -> dict:
     """Checkpoint directory in, quantized checkpoint directory out; returns the report."""
-    from quant import quantize
-    from quant.calibration import calibration_tokens
+    from fanformer.quant import quantize
+    from fanformer.quant.calibration import calibration_tokens
 
     out = check_output_dir(out, force)
     if Path(out).resolve() == Path(checkpoint).resolve():
@@ -112,6 +113,7 @@ def quantize_checkpoint(checkpoint: str | Path, config: WeightOnlyConfig, out: s
     model, tokenizer = load_float_for_quantization(checkpoint)
     calibration = None
     if isinstance(config, CalibratedConfig):
+        config = config.for_model(model.config.max_seq_len)
         if config.calib_seq_len > model.config.max_seq_len:
             raise FANformerError(f"--calib-seq-len {config.calib_seq_len} exceeds the model's max_seq_len "
                                  f"{model.config.max_seq_len}")

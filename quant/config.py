@@ -1,15 +1,20 @@
 """One small validated config per quantization method (torchao style): the config's type
 picks the handler in `quant.quantize`, and the checkpoint stores it as
 `quantization_config` in config.json.
+
+The field defaults here are the project's quantization defaults, for the library, the CLI
+(each field is a `fanformer quantize` flag, with its `knob` help) and the drift table alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fanformer.config import knob
 from fanformer.errors import FANformerError
-from quant.packing import BITS
+
+BITS = (2, 3, 4, 8)  # what the GPTQ layout packs (quant/packing.py)
 
 GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
 
@@ -23,8 +28,8 @@ class QuantConfig:
     lm_head: quantize the LM head too (never when it is tied to the embedding).
     """
 
-    keep: tuple[str, ...] = ()
-    lm_head: bool = False
+    keep: tuple[str, ...] = knob((), "leave matching layers in float, e.g. 'blocks.*.attn.fan.proj' (repeatable)")
+    lm_head: bool = knob(False, "quantize the LM head too (not when tied)")
 
     method = ""  # quant_method in the checkpoint
 
@@ -46,9 +51,10 @@ class QuantConfig:
 class WeightOnlyConfig(QuantConfig):
     """What every weight-only integer method shares: the grid, besides the layers covered."""
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
+    bits: int = knob(4, "bits per weight: 8, 4, 3 or 2")
+    group_size: int = knob(128, "weights per scale: 128, 64, 32, or -1 (per channel)")
+    sym: bool = field(default=True, metadata={"help": "symmetric grid; --asym: min-max with a zero point",
+                                              "negation": "asym"})
 
     def _problems(self):
         if self.bits not in BITS:
@@ -69,26 +75,31 @@ class RTNConfig(WeightOnlyConfig):
 class CalibratedConfig(WeightOnlyConfig):
     """A method that looks at activations: calibration windows from the training split."""
 
-    calib_samples: int = 128
-    calib_seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 8  # calibration sequences per forward pass (memory, not results)
+    calib_samples: int = knob(128, "calibration windows")
+    calib_seq_len: int = knob(0, "tokens per calibration window; 0 = min(512, the model's max_seq_len)")
+    seed: int = knob(0, "calibration window seed")
+    batch_size: int = knob(8, "calibration windows per forward pass (memory, not results)")
 
     def _problems(self):
         yield from super()._problems()
         for name in ("calib_samples", "calib_seq_len", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                yield f"{name} must be a positive integer, got {value!r}"
+            minimum = 0 if name == "calib_seq_len" else 1  # calib_seq_len 0: see for_model
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                yield f"{name} must be an integer >= {minimum}, got {value!r}"
+
+    def for_model(self, max_seq_len: int) -> CalibratedConfig:
+        """This config with `calib_seq_len` 0 resolved against the model's context."""
+        return self if self.calib_seq_len else dataclasses.replace(self, calib_seq_len=min(512, max_seq_len))
 
 
 @dataclass(frozen=True)
 class GPTQConfig(CalibratedConfig):
     """GPTQ (Frantar et al. 2022). percdamp and blocksize are the paper's 1% and 128."""
 
-    act_order: bool = False
-    percdamp: float = 0.01
-    blocksize: int = 128
+    act_order: bool = knob(False, "columns by decreasing Hessian diagonal")
+    percdamp: float = knob(0.01, "Hessian dampening, a fraction of its mean diagonal")
+    blocksize: int = knob(128, "GPTQ: columns per lazy batch update; NF4: weights per block")
 
     method = "gptq"
 
@@ -105,11 +116,11 @@ class AWQConfig(CalibratedConfig):
     """AWQ (Lin et al. 2023). n_grid, max_shrink and clip_tokens are the reference code's
     20, 0.5 and 512; search_scale / search_clip switch off either half (for ablations)."""
 
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    clip_tokens: int = 512
-    search_scale: bool = True
-    search_clip: bool = True
+    n_grid: int = knob(20, "scale exponents tried per group")
+    max_shrink: float = knob(0.5, "largest clipping shrink tried")
+    clip_tokens: int = knob(512, "calibration tokens the clipping search looks at")
+    search_scale: bool = knob(True, "search per-channel scales (false: ablation)")
+    search_clip: bool = knob(True, "search clipping ranges (false: ablation)")
 
     method = "awq"
 
@@ -139,7 +150,7 @@ class BnbInt8Config(BnbConfig):
     """LLM.int8() (Dettmers et al. 2022): int8 weight rows; input columns holding an
     |x| >= threshold (the paper's 6.0) multiply in float. 0 turns that decomposition off."""
 
-    threshold: float = 6.0
+    threshold: float = knob(6.0, "outlier threshold of LLM.int8() (0 = off)")
 
     method = "int8"
 
@@ -159,9 +170,10 @@ class BnbNF4Config(BnbConfig):
     transformers, so each block's scale stays exact.
     """
 
-    blocksize: int = 64
-    compute_dtype: str = "float32"
-    double_quant: bool = False
+    blocksize: int = knob(64, "GPTQ: columns per lazy batch update; NF4: weights per block")
+    compute_dtype: str = knob("float32", "the dtype an NF4 layer dequantizes to and multiplies in",
+                              choices=BNB_COMPUTE_DTYPES)
+    double_quant: bool = knob(False, "store the block absmaxes in 8 bits too (QLoRA's double quantization)")
 
     method = "nf4"
 
@@ -172,4 +184,10 @@ class BnbNF4Config(BnbConfig):
             yield f"compute_dtype must be one of {', '.join(BNB_COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
 
 
-CONFIGS = {cls.method: cls for cls in (RTNConfig, GPTQConfig, AWQConfig, BnbInt8Config, BnbNF4Config)}
+
+
+def describe(qconfig: dict) -> str:
+    """What a quantized checkpoint holds ("gptq 4-bit", "bitsandbytes nf4"), for messages."""
+    if qconfig.get("quant_method") == BNB_QUANT_METHOD:
+        return f"{BNB_QUANT_METHOD} {'int8' if qconfig.get('load_in_8bit') else qconfig.get('bnb_4bit_quant_type')}"
+    return f"{qconfig.get('quant_method')} {qconfig.get('bits')}-bit"

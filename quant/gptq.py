@@ -35,7 +35,7 @@ import math
 import torch
 
 from fanformer.errors import FANformerError
-from quant.grid import QuantizedWeight, choose_qparams, max_code
+from fanformer.quant.grid import QuantizedWeight, choose_qparams, max_code
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The per-group min-max integer grid shared by RTN and GPTQ (and, later, AWQ).
+"""The per-group min-max integer grid shared by RTN, GPTQ and AWQ.
 
 This is the grid of GPTQ's reference quantizer (Frantar et al. 2022, arXiv 2210.17323;
 IST-DASLab/gptq `quant.py`): for each output row and each group of `group_size` input

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fanformer.errors import FANformerError
-from quant.grid import QuantizedWeight
-from quant.packing import dequantize_packed, pack
+from fanformer.quant.grid import QuantizedWeight
+from fanformer.quant.packing import dequantize_packed, pack
 
 
 class QuantLinear(nn.Module):

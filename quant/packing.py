@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from fanformer.errors import FANformerError
+from fanformer.quant.config import BITS
 
-BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMAT = "gptq"  # v1: stored zero = zero - 1
 
 

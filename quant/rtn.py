@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
-from quant.grid import QuantizedWeight, choose_qparams, dequantize, group_index, quantize
+from fanformer.quant import register, stages
+from fanformer.quant.config import RTNConfig
+from fanformer.quant.grid import QuantizedWeight, choose_qparams, dequantize, group_index, quantize
 
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
@@ -17,3 +20,13 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> Quan
     error = float((W - Q).pow(2).mean())
     return QuantizedWeight(codes, scales, zeros, group_index(W.shape[1], group_size, W.device), group_size, error,
                            metric="weight_mse")
+
+
+@register(RTNConfig)
+def rtn_handler(model, layers, config: RTNConfig, calibration, progress) -> dict[str, QuantizedWeight]:
+    """`quantize`'s handler: every target layer rounded, block by block."""
+    results = {}
+    for prefix, names in tqdm(stages(model, layers), desc="rtn", unit="block", disable=not progress):
+        for name in names:
+            results[name] = rtn_quantize(layers[name].weight, config.bits, config.group_size, config.sym)
+    return results

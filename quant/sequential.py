@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from fanformer.errors import FANformerError
 from fanformer.model import rope_cos_sin
-from quant.config import GPTQConfig
-from quant.gptq import Hessian, gptq_quantize
-from quant.grid import QuantizedWeight
+from fanformer.quant import register, stages
+from fanformer.quant.config import GPTQConfig
+from fanformer.quant.gptq import Hessian, gptq_quantize
+from fanformer.quant.grid import QuantizedWeight
 
 
 class Stages:
@@ -79,3 +80,11 @@ def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQ
         bar.update()
     bar.close()
     return results
+
+
+@register(GPTQConfig)
+def gptq_handler(model, layers, config: GPTQConfig, calibration, progress) -> dict[str, QuantizedWeight]:
+    """`quantize`'s handler for GPTQ."""
+    if calibration is None:
+        raise FANformerError("GPTQ needs calibration data: pass calibration token windows (samples, seq_len)")
+    return gptq_sequential(model, layers, config, calibration, stages(model, layers), progress)

@@ -3,14 +3,17 @@
 A backend owns a model and its tokenizer and runs forward steps over a KV cache that it
 also owns: `prefill` the prompts, then `decode` one token per step. Generation,
 perplexity, drift and the CLI only ever talk to this interface, so a new format (ONNX,
-GGUF, a quantized checkpoint) is one new module that subclasses `Backend` and registers
-itself with `@register`.
+GGUF, a quantized checkpoint) is one new module, named `*_backend.py` in this package, that
+subclasses `Backend` and registers itself with `@register`; `backends()` imports those
+modules the first time a backend is looked up.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +89,20 @@ def register(name: str, detect: Callable[[Path], bool]):
     return wrap
 
 
+def backends() -> dict[str, BackendSpec]:
+    """Every registered backend, importing this package's `*_backend` modules the first time."""
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if module.name.endswith("_backend"):
+            importlib.import_module(f"{package}.{module.name}")
+    return BACKENDS
+
+
 def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise FANformerError(f"{path} does not exist; pass a checkpoint directory or a model file")
-    for spec in BACKENDS.values():
+    for spec in backends().values():
         if spec.detect(path):
             return spec.name
     raise FANformerError(f"{path} is not a model this tool can run: expected one of "
@@ -104,7 +116,7 @@ def load_backend(path: str | Path, format: str | None = None, **options) -> Back
     ("cpu", "cuda", "auto"); a backend refuses options it cannot honour.
     """
     name = format or detect_format(path)
-    if name not in BACKENDS:
+    if name not in backends():
         raise FANformerError(f"unknown format {name!r}; choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name].load(Path(path), **options)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from fanformer.errors import FANformerError
-from runtime.backend import Backend, load_backend
-from runtime.perplexity import Perplexity, check_ctx, make_windows, scored_log_probs, summarize_nll
+from fanformer.runtime.backend import Backend, load_backend
+from fanformer.runtime.perplexity import Perplexity, check_ctx, make_windows, scored_log_probs, summarize_nll
 
 
 @dataclass

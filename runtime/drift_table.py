@@ -36,19 +36,17 @@ holds tight budgets measured on the regression suite's model.
 Outputs in the output folder: drift.json, drift.md (the table), drift.png (mean KL
 against file size, one labelled point per measured variant), each written to a
 temporary name and renamed; artifacts/ keeps every built variant, ready to ship.
+
+The parts live beside this module: budgets (runtime/drift_budgets.py), the decode timing
+child process (runtime/decode_timing.py) and the reports (runtime/drift_report.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
-import math
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,27 +55,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fanformer.errors import FANformerError
-from runtime.backend import Backend
-from runtime.variants import DEFAULT_VARIANTS, VARIANTS, BuildContext, check_names
+from fanformer.quant.config import CalibratedConfig
+from fanformer.runtime.backend import Backend
+from fanformer.runtime.decode_timing import DECODE_STEPS, PROMPT_LEN, REPEATS, time_decode_in_child
+from fanformer.runtime.drift_budgets import apply_budgets
+from fanformer.runtime.drift_report import write_outputs
+from fanformer.runtime.variants import DEFAULT_VARIANTS, VARIANTS, BuildContext, check_names
 
 log = logging.getLogger(__name__)
 
-JSON_FILE, MARKDOWN_FILE, PLOT_FILE, ARTIFACTS = "drift.json", "drift.md", "drift.png", "artifacts"
+ARTIFACTS = "artifacts"  # the built variants, in the output folder
 DEFAULT_MAX_TOKENS = 8192
 REFERENCE_MEMO_BYTES = 1 << 30  # reference logits kept across variants; beyond this, recomputed
-PROMPT_LEN, DECODE_STEPS, REPEATS = 64, 32, 3
-LIMITS = {"max_ppl_change": "abs ppl change", "max_kl_mean": "mean KL", "min_top1": "top-1 agreement"}
-# By nominal bits: 16-bit formats round weights the reference already rounded to fp16
-# (drift is compute precision only); 4-bit ones are the loosest.
-DEFAULT_BUDGETS = {
-    32: {"max_ppl_change": 0.005, "max_kl_mean": 0.002, "min_top1": 0.97},
-    16: {"max_ppl_change": 0.01, "max_kl_mean": 0.005, "min_top1": 0.95},
-    8: {"max_ppl_change": 0.03, "max_kl_mean": 0.02, "min_top1": 0.90},
-    5: {"max_ppl_change": 0.06, "max_kl_mean": 0.05, "min_top1": 0.85},
-    4: {"max_ppl_change": 0.12, "max_kl_mean": 0.12, "min_top1": 0.70},
-}
-
-
 @dataclass(frozen=True)
 class TableConfig:
     """How the table is measured. ctx None: min(512, the model's max_seq_len), stride
@@ -93,7 +82,7 @@ class TableConfig:
     ctx: int | None = None
     batch_size: int = 4
     device: str = "cpu"
-    calib_samples: int = 128
+    calib_samples: int = CalibratedConfig.calib_samples  # GPTQ/AWQ windows; the methods' own default
     speed: bool = True
     decode_steps: int = DECODE_STEPS
     threads: int = 1
@@ -200,74 +189,6 @@ class ReferenceMemo(Backend):
         return logits
 
 
-# --- Budgets ----------------------------------------------------------------------------
-
-def check_budget_entry(where: str, entry) -> dict:
-    if not isinstance(entry, dict) or not entry:
-        raise FANformerError(f"{where} must be an object with one or more of {', '.join(LIMITS)}, got {entry!r}")
-    for key, value in entry.items():
-        if key not in LIMITS:
-            raise FANformerError(f"{where}: unknown limit {key!r}; use {', '.join(LIMITS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise FANformerError(f"{where}: {key} must be a finite number >= 0, got {value!r}")
-        if key == "min_top1" and value > 1:
-            raise FANformerError(f"{where}: min_top1 is a fraction in [0, 1], got {value!r}")
-    return {k: float(v) for k, v in entry.items()}
-
-
-def load_budgets(path: str | Path) -> dict[str, dict]:
-    """A budget file: {"variant": {"max_ppl_change": 0.02, "max_kl_mean": 0.01, "min_top1": 0.9}, ...};
-    keys starting with "_" are comments. Every problem is one FANformerError naming it."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as err:
-        raise FANformerError(f"cannot read the budget file {path} ({err.strerror})") from None
-    except ValueError as err:
-        raise FANformerError(f"budget file {path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise FANformerError(f"budget file {path} must hold a JSON object of variant name -> limits, "
-                             f"got {type(data).__name__}")
-    budgets = {}
-    for name, entry in data.items():
-        if name.startswith("_"):
-            continue
-        if name not in VARIANTS:
-            raise FANformerError(f"budget file {path}: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        budgets[name] = check_budget_entry(f"budget file {path}: {name}", entry)
-    return budgets
-
-
-def default_budget(name: str) -> dict:
-    bits = VARIANTS[name].bits
-    return DEFAULT_BUDGETS[min((b for b in DEFAULT_BUDGETS if b >= bits), default=max(DEFAULT_BUDGETS))]
-
-
-def budget_breaches(drift: dict, budget: dict) -> list[str]:
-    """What a measured drift exceeds in `budget`, in words ("mean KL 0.031 > 0.02")."""
-    values = {"max_ppl_change": abs(drift["ppl_change"]), "max_kl_mean": drift["kl_mean"],
-              "min_top1": drift["top1_agreement"]}
-    out = []
-    for key, limit in budget.items():
-        value = values[key]
-        # A NaN (a model gone non-finite) breaches every limit.
-        bad = not value >= limit if key == "min_top1" else not value <= limit
-        if bad:
-            out.append(f"{LIMITS[key]} {value:.4g} {'<' if key == 'min_top1' else '>'} {limit:.4g}")
-    return out
-
-
-def apply_budgets(table: DriftTable, budgets: dict[str, dict] | None = None) -> DriftTable:
-    """Set every measured row's status from its budget: `budgets[name]` if given, else the default."""
-    for row in table.rows:
-        if not row.measured or row.status in ("failed", "skipped"):
-            continue
-        row.budget = (budgets or {}).get(row.variant) or default_budget(row.variant)
-        breaches = budget_breaches(row.drift, row.budget)
-        row.status, row.reason = ("over budget", "; ".join(breaches)) if breaches else ("ok", "")
-    return table
-
-
 # --- Measuring ----------------------------------------------------------------------------
 
 def disk_bytes(path: Path) -> int:
@@ -302,7 +223,7 @@ def check_float_checkpoint(checkpoint: Path) -> None:
 def measure_variant(row: Row, context: BuildContext, reference: Backend, tokens, config: TableConfig,
                     ctx: int) -> None:
     """Build, score and time one variant into `row`; any failure is recorded, not raised."""
-    from runtime import drift, load_backend
+    from fanformer.runtime import drift, load_backend
 
     variant = VARIANTS[row.variant]
     try:
@@ -351,8 +272,8 @@ def run_drift_table(checkpoint: str | Path, out: str | Path | None = None, confi
 
 
 def _run(checkpoint, out, config: TableConfig, data, budgets, cache_dir, force: bool, progress: bool) -> DriftTable:
-    from runtime import eval_tokens, fp16_reference, perplexity
-    from runtime.perplexity import check_ctx
+    from fanformer.runtime import eval_tokens, fp16_reference, perplexity
+    from fanformer.runtime.perplexity import check_ctx
 
     checkpoint = Path(checkpoint)
     check_float_checkpoint(checkpoint)
@@ -396,163 +317,3 @@ def protocol_of(config: TableConfig, ctx: int, ref_ppl, reference: Backend) -> d
             "calib_samples": config.calib_samples,
             "decode": {"prompt_len": PROMPT_LEN, "steps": config.decode_steps, "repeats": REPEATS,
                        "batch_size": 1, "threads": config.threads} if config.speed else None}
-
-
-# --- Decode speed and peak memory, one process per variant --------------------------------
-
-def time_decode_in_child(path: Path, options: dict, steps: int, threads: int) -> dict:
-    """Run `decode_child` in a new interpreter on this artifact; its JSON result."""
-    spec = {"path": str(path), "options": options, "steps": steps, "threads": threads}
-    root = str(Path(__file__).resolve().parents[1])  # so the child imports this very project
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run([sys.executable, "-c", "from runtime.drift_table import decode_child; decode_child()",
-                           json.dumps(spec)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise FANformerError(f"the timing process exited with {done.returncode}: {lines[-1] if lines else ''}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set (Linux VmHWM; ru_maxrss would carry the parent's
-    peak over the exec). None where /proc is not available."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def decode_tokens_per_s(backend: Backend, steps: int, repeats: int = REPEATS) -> float:
-    """Greedy batch-1 decode after a PROMPT_LEN prompt of seeded random tokens: steps per
-    second of the fastest of `repeats` runs, after one warmup run."""
-    info = backend.info
-    length = max(1, min(PROMPT_LEN, info.max_seq_len - steps - 1))
-    prompt = torch.randint(0, info.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-
-    def run() -> float:
-        cache = backend.new_cache(1)
-        mask = torch.ones_like(prompt)
-        token = backend.prefill(cache, prompt, mask)[:, -1].argmax(-1, keepdim=True).cpu()
-        start = time.perf_counter()
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            token = backend.decode(cache, token, mask)[:, -1].argmax(-1, keepdim=True).cpu()
-        return time.perf_counter() - start
-
-    run()
-    return steps / min(run() for _ in range(repeats))
-
-
-def decode_child() -> None:
-    """Entry point of the timing process: argv[1] is the JSON spec; prints one JSON line."""
-    from runtime import load_backend
-
-    spec = json.loads(sys.argv[1])
-    torch.set_num_threads(spec["threads"])
-    try:
-        backend = load_backend(spec["path"], **spec["options"])
-        speed = decode_tokens_per_s(backend, spec["steps"])
-    except FANformerError as err:
-        sys.exit(f"error: {err}")
-    print(json.dumps({"decode_tokens_per_s": speed, "peak_rss_bytes": peak_rss_bytes()}))
-
-
-# --- Reports ------------------------------------------------------------------------------
-
-def _num(value, fmt: str, scale: float = 1.0) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value * scale, fmt)
-
-
-def verdict(row: Row) -> str:
-    return f"{row.status}: {row.reason}" if row.reason else row.status
-
-
-COLUMNS = ("variant", "format", "method", "bits", "size MB", "ppl", "ppl change", "mean KL", "top-1",
-           "decode tok/s", "peak RSS MiB", "verdict")
-
-
-def row_cells(row: Row) -> list[str]:
-    d, s = row.drift or {}, row.speed or {}
-    return [row.variant, row.format, row.method, str(row.bits), _num(row.file_bytes, ".2f", 1e-6),
-            _num(d.get("model", {}).get("ppl"), ".3f"), _num(d.get("ppl_change"), "+.2f", 100) + ("%" if d else ""),
-            _num(d.get("kl_mean"), ".3g"), _num(d.get("top1_agreement"), ".1f", 100) + ("%" if d else ""),
-            _num(s.get("decode_tokens_per_s"), ",.0f"), _num(s.get("peak_rss_bytes"), ",.0f", 2 ** -20),
-            verdict(row).replace("|", "/")]
-
-
-def markdown(table: DriftTable) -> str:
-    p, ref = table.protocol, table.reference
-    stride = f", stride {p['stride']}" if p.get("stride") else ""
-    lines = [f"Drift of `{table.checkpoint}` against its FP16 reference ({p['reference']}): "
-             f"ppl {ref['ppl']:.3f} ± {ref['ppl_stderr']:.3f} on {p['tokens']:,} tokens of the {p['split']} split "
-             f"({p['protocol']}, ctx {p['ctx']}{stride}).", ""]
-    if p.get("decode"):
-        dec = p["decode"]
-        lines[0] += (f" Decode: batch 1, {dec['steps']} greedy steps after a {dec['prompt_len']}-token prompt, "
-                     f"best of {dec['repeats']}, {dec['threads']} thread(s); peak RSS of a fresh process per variant.")
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in table.rows]
-    lines += ["", f"**{'PASS' if table.passed else 'FAIL'}**: {len(table.rows)} variant{'s' * (len(table.rows) != 1)}, "
-              + ", ".join(f"{sum(r.status == s for r in table.rows)} {s}"
-                          for s in ("ok", "over budget", "failed", "skipped"))]
-    return "\n".join(lines) + "\n"
-
-
-def plot(table: DriftTable, path: Path) -> None:
-    """Mean KL against file size, one labelled point per measured variant (Agg, no display).
-    The KL axis is linear below 1e-7 (16/32-bit variants sit there, some at 0) and
-    logarithmic above; labels of nearby points are stacked so that they stay readable."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    fig = Figure(figsize=(10, 6.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    rows = sorted((r for r in table.rows if r.measured and r.file_bytes),
-                  key=lambda r: (r.file_bytes, -r.drift["kl_mean"]))
-    for fmt in dict.fromkeys(r.format for r in rows):
-        mine = [r for r in rows if r.format == fmt]
-        ax.scatter([r.file_bytes / 1e6 for r in mine], [r.drift["kl_mean"] for r in mine], label=fmt, s=30)
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-7)
-    ax.set_ylim(0, 4 * max([r.drift["kl_mean"] for r in rows] + [1e-6]))  # room for the top labels
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if str(x)[0] in "25" else ""))
-    ax.autoscale_view()
-    placed = []  # display coordinates of the labels so far
-    for r in rows:
-        x, y = r.file_bytes / 1e6, r.drift["kl_mean"]
-        px, py = ax.transData.transform((x, y))
-        shift = 0
-        while any(abs(px - qx) < 70 and abs(py - 10 * shift - qy) < 9 for qx, qy in placed):
-            shift += 1
-        placed.append((px, py - 10 * shift))
-        ax.annotate(r.variant + ("" if r.status == "ok" else f" ({r.status})"), (x, y), textcoords="offset points",
-                    xytext=(5, 2 - 7.5 * shift), fontsize=7, color="black" if r.status == "ok" else "red")
-    ax.set_xlabel("file size on disk (MB)")
-    ax.set_ylabel("mean KL(FP16 reference || variant), nats/token")
-    ax.set_title(f"{Path(table.checkpoint).name}: drift against size "
-                 f"({table.protocol['tokens']:,} {table.protocol['split']} tokens)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    if rows:
-        ax.legend(fontsize=8, loc="center right")
-    fig.savefig(path, format="png", dpi=120)
-
-
-def write_outputs(table: DriftTable, out: Path) -> None:
-    from export.gguf_export import write_file_atomically
-
-    write_file_atomically(out / JSON_FILE, lambda tmp: tmp.write_text(json.dumps(table.to_dict(), indent=2)))
-    write_file_atomically(out / MARKDOWN_FILE, lambda tmp: tmp.write_text(markdown(table)))
-    write_file_atomically(out / PLOT_FILE, lambda tmp: plot(table, tmp))
-
-
-def best_row(table: DriftTable, bits: int = 4) -> Row | None:
-    """The measured `bits`-bit variant closest to the reference (lowest mean KL), if any."""
-    rows = [r for r in table.rows if r.measured and r.bits == bits and r.status != "failed"]
-    return min(rows, key=lambda r: r.drift["kl_mean"], default=None)

@@ -21,8 +21,8 @@ from fanformer.checkpoint import load_generation_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
-from runtime.backend import Backend, BackendInfo, register
-from runtime.genai import load_model
+from fanformer.runtime.backend import Backend, BackendInfo, register
+from fanformer.runtime.genai import load_model
 
 GENAI_CONFIG_FILE = "genai_config.json"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fanformer.errors import FANformerError
-from runtime.backend import Backend
+from fanformer.runtime.backend import Backend
 
 DEFAULT_MAX_NEW_TOKENS = 128
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import onnx_format as names
+from fanformer.export import onnx_format as names
 from fanformer.checkpoint import CONFIG_FILE, load_generation_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
-from runtime.backend import Backend, BackendInfo, register
+from fanformer.runtime.backend import Backend, BackendInfo, register
 
 ONNX_DTYPES = {"tensor(float)": ("fp32", np.float32), "tensor(float16)": ("fp16", np.float16)}
 

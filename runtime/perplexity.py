@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fanformer.errors import FANformerError
-from runtime.backend import Backend
+from fanformer.runtime.backend import Backend
 
 PROTOCOLS = ("sliding", "chunks")
 SPLITS = ("train", "val", "test", "all")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from fanformer.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_generation_config, load_model,
-                                  read_quantization_config)
+from fanformer.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_generation_config
 from fanformer.model import FANformer
+from fanformer.quant.checkpoint import load_any_model
 from fanformer.tokenizer import load_tokenizer, special_token_ids
-from runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
+from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
 
 
 def is_fanformer_checkpoint(path: Path) -> bool:
@@ -29,12 +29,7 @@ class TorchBackend(Backend):
     round_weights="fp16" to round the weights to fp16 first (the FP16 reference)."""
 
     def __init__(self, path: Path, dtype: str = "fp32", device: str = "cpu", round_weights: str | None = None):
-        if read_quantization_config(path) is not None:  # GPTQ-packed or bnb int8/nf4, kept so in memory (quant/)
-            from quant.checkpoint import load_quantized_model
-
-            model = load_quantized_model(path)
-        else:
-            model = load_model(path)
+        model = load_any_model(path)  # GPTQ-packed or bnb int8/nf4 layers stay so in memory (quant/)
         self._setup(model, load_tokenizer(path), str(path), dtype, device, round_weights)
         self.generation_defaults = load_generation_config(path)
 

@@ -7,10 +7,10 @@ artifact it starts from: the float checkpoint, or another variant's artifact nam
 carried into GGUF, and genai runs the very folder `onnx-fp32` exported), how to load it
 (`load_backend` options), what it is (format, method, nominal weight bits) and what the
 machine needs to run it (`requires`: a reason to skip, or None). Builds go through the
-project's own entry points only: `quant.checkpoint.quantize_checkpoint` with
-`quant.config.CONFIGS[method]`, `export.export`, and a cast of the checkpoint; so a
-quantization method registered in CONFIGS later (AWQ, bitsandbytes int8/nf4) just works,
-and until then its variant fails to build with the reason, which the table reports.
+project's own entry points only: `quant.checkpoint.quantize_checkpoint` with the config
+of a registered method (`quant.method_config`), `export.export` (checked by the runtime's
+validator), and a cast of the checkpoint; a variant naming a method or format that is not
+registered fails to build with the reason, which the table reports.
 
 `bits` is the nominal width of the quantized weights (GGUF q4_0 stores 4.5 bits per
 weight with its block scales, q4_1 5.0); the table's file size is what each costs on
@@ -79,13 +79,13 @@ def cuda_execution_provider() -> str | None:
 class BuildContext:
     """Where and from what artifacts are built; each is built at most once per context.
     `data` is the corpus whose training split calibrates GPTQ/AWQ (the table scores its
-    held-out split); `calib_samples` windows of min(512, max_seq_len) tokens."""
+    held-out split); `calib_samples` windows (None: the method's default)."""
 
     checkpoint: Path
     work: Path
     data: list[str] | None = None
     cache_dir: Path | None = None
-    calib_samples: int = 128
+    calib_samples: int | None = None
     progress: bool = False
     built: dict[str, Path] = field(default_factory=dict)
     failed: dict[str, Exception] = field(default_factory=dict)
@@ -120,7 +120,7 @@ def cast(dtype: str) -> Build:
     def build(context: BuildContext, source: Path, out: Path) -> None:
         from fanformer.checkpoint import load_model, save_checkpoint
         from fanformer.tokenizer import load_tokenizer
-        from runtime.backend import resolve_dtype
+        from fanformer.runtime.backend import resolve_dtype
 
         save_checkpoint(out, load_model(source, dtype=resolve_dtype(dtype)), load_tokenizer(source))
 
@@ -128,24 +128,19 @@ def cast(dtype: str) -> Build:
 
 
 def quant_config(method: str, options: dict, context: BuildContext):
-    """CONFIGS[method] with `options`; methods that calibrate also get the context's
-    calibration size (any config with calib_samples / calib_seq_len fields)."""
-    from fanformer.checkpoint import load_config
-    from quant.config import CONFIGS
+    """The registered method's config with `options`; methods that calibrate also get the
+    context's number of calibration windows (their length is the config's default)."""
+    from fanformer.quant import method_config, methods
 
-    if method not in CONFIGS:
-        raise FANformerError(f"quantization method {method!r} is not available in this installation "
-                             f"(quant.config.CONFIGS has {', '.join(CONFIGS)})")
-    cls = CONFIGS[method]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    calibration = {"calib_samples": context.calib_samples,
-                   "calib_seq_len": min(512, load_config(context.checkpoint).max_seq_len)}
-    return cls(**options, **{k: v for k, v in calibration.items() if k in fields})
+    cls = methods().get(method)
+    calibrates = cls is not None and any(f.name == "calib_samples" for f in dataclasses.fields(cls))
+    calibration = {"calib_samples": context.calib_samples} if calibrates and context.calib_samples else {}
+    return method_config(method, **options, **calibration)
 
 
 def quantized(method: str, **options) -> Build:
     def build(context: BuildContext, source: Path, out: Path) -> None:
-        from quant.checkpoint import quantize_checkpoint
+        from fanformer.quant.checkpoint import quantize_checkpoint
 
         quantize_checkpoint(source, quant_config(method, options, context), out, force=True,
                             calib_data=context.data, cache_dir=context.cache_dir, progress=context.progress)
@@ -155,9 +150,10 @@ def quantized(method: str, **options) -> Build:
 
 def exported(format: str, **options) -> Build:
     def build(context: BuildContext, source: Path, out: Path) -> None:
-        from export import export
+        from fanformer.export import export
+        from fanformer.runtime.validation import VALIDATORS
 
-        export(source, format, out, force=True, **options)
+        export(source, format, out, force=True, validate=VALIDATORS.get(format), **options)
 
     return build
 

@@ -75,7 +75,7 @@ def cli_eval_matches_library(capsys, corpus):
     """Run `fanformer eval CKPT --json` on the corpus in-process and check its perplexity
     and token count are `runtime.perplexity`'s on the same tokens; returns the JSON."""
     from fanformer.cli import main
-    from runtime import eval_tokens, load_backend, perplexity
+    from fanformer.runtime import eval_tokens, load_backend, perplexity
 
     def check(checkpoint, max_tokens: int, ctx: int = 32) -> dict:
         capsys.readouterr()

@@ -13,15 +13,15 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf import quants
 
-from export import gguf_format as names
-from export.gguf_export import export_gguf
+from fanformer.export import gguf_format as names
+from fanformer.export.gguf_export import export_gguf
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 from fanformer.tokenizer import train_tokenizer
-from quant import AWQConfig, GPTQConfig, RTNConfig, quantize
-from quant.checkpoint import save_quantized
-from quant.linear import QuantLinear
-from runtime import load_backend, reference_greedy
+from fanformer.quant import AWQConfig, GPTQConfig, RTNConfig, quantize
+from fanformer.quant.checkpoint import save_quantized
+from fanformer.quant.linear import QuantLinear
+from fanformer.runtime import load_backend, reference_greedy
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 Q = GGMLQuantizationType
@@ -145,7 +145,7 @@ def test_8bit_asym_reblocks_only_blocks_outside_int8(trained, tmp_path, caplog):
 
 def test_llama_arch_permutes_carried_rows(tmp_path):
     """--arch llama permutes Q/K rows of the carried blocks; un-permuted they are exact."""
-    from runtime.gguf_backend import llama_unpermute
+    from fanformer.export.gguf_read import llama_unpermute
 
     tokenizer = train_tokenizer(TEXTS, 400)
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_llama_arch_permutes_carried_rows(tmp_path):
 
 @pytest.mark.parametrize("bits, sym, name", [(4, True, "q4_0"), (4, False, "q4_1"), (8, True, "q8_0")])
 def test_default_file_name_says_the_carried_type(trained, tmp_path, bits, sym, name):
-    from export import default_output
+    from fanformer.export import default_output
 
     qdir, _ = quantized_dir(trained, tmp_path, RTNConfig(bits=bits, group_size=32, sym=sym))
     assert default_output(qdir, "gguf") == qdir.with_name(f"{qdir.name}-{name}.gguf")

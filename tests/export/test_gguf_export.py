@@ -17,10 +17,10 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValue
 from gguf.quants import dequantize
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from export import default_output
-from export import gguf_export
-from export import gguf_format as names
-from export.gguf_export import export_gguf
+from fanformer.export import default_output
+from fanformer.export import gguf_export
+from fanformer.export import gguf_format as names
+from fanformer.export.gguf_export import export_gguf
 from fanformer.checkpoint import load_model, model_state_dict, save_checkpoint
 from fanformer.cli import main
 from fanformer.config import FANformerConfig
@@ -251,7 +251,7 @@ def test_tokenizer_is_embedded_complete(exports, checkpoint, tokenizer):
 def test_rows_not_in_whole_blocks_fall_back_to_f16_and_are_reported(make_checkpoint, caplog):
     path = make_checkpoint("fallback", ffn_dim=200)  # ffn_down rows hold 200 = 6.25 blocks of 32
     out = path.with_name("fallback-q4_0.gguf")
-    with caplog.at_level(logging.INFO, logger="export.gguf_export"):
+    with caplog.at_level(logging.INFO, logger="fanformer.export.gguf_export"):
         export_gguf(path, out, type="q4_0")
     fell_back = {f"blk.{i}.ffn_down.weight" for i in range(2)}
     report = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -262,7 +262,7 @@ def test_rows_not_in_whole_blocks_fall_back_to_f16_and_are_reported(make_checkpo
     check_round_trip(out, weights(path), expected)
 
     caplog.clear()  # types with no block (f16, bf16, f32) never fall back
-    with caplog.at_level(logging.INFO, logger="export.gguf_export"):
+    with caplog.at_level(logging.INFO, logger="fanformer.export.gguf_export"):
         export_gguf(path, path.with_name("fallback-bf16.gguf"), type="bf16")
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from export import gguf_export
-from export import gguf_format as names
-from export.gguf_export import export_gguf
+from fanformer.export import gguf_export
+from fanformer.export import gguf_format as names
+from fanformer.export.gguf_export import export_gguf
 from fanformer.checkpoint import save_checkpoint
-from runtime import load_backend, reference_greedy
+from fanformer.runtime import load_backend, reference_greedy
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

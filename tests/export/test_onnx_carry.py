@@ -14,14 +14,15 @@ import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
-from export.onnx_export import compare_logits, export_onnx
+from fanformer.export.onnx_export import export_onnx
+from fanformer.runtime.validation import compare_logits, validate_onnx
 from fanformer.errors import FANformerError
-from quant.checkpoint import load_quantized_model, quantize_checkpoint
-from quant import quantize
-from quant.checkpoint import save_quantized
-from quant.config import AWQConfig, CalibratedConfig, RTNConfig
-from quant.linear import QuantLinear
-from runtime import load_backend, reference_greedy
+from fanformer.quant.checkpoint import load_quantized_model, quantize_checkpoint
+from fanformer.quant import quantize
+from fanformer.quant.checkpoint import save_quantized
+from fanformer.quant.config import AWQConfig, CalibratedConfig, RTNConfig
+from fanformer.quant.linear import QuantLinear
+from fanformer.runtime import load_backend, reference_greedy
 
 CONFIGS = {"4-sym": RTNConfig(bits=4, group_size=32, sym=True),
            "4-awq": AWQConfig(bits=4, group_size=32, calib_samples=8, calib_seq_len=32),
@@ -53,7 +54,7 @@ def quantized(checkpoint, overfit_tiny):
 @pytest.fixture(scope="module")
 def exports(quantized):
     """kind -> ONNX folder; export_onnx validates each against the quantized checkpoint."""
-    return {kind: export_onnx(path, path.with_name(f"{path.name}-onnx")) for kind, path in quantized.items()}
+    return {kind: export_onnx(path, path.with_name(f"{path.name}-onnx"), validate=validate_onnx) for kind, path in quantized.items()}
 
 
 def decode(node, initializers) -> np.ndarray:

@@ -21,14 +21,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export import onnx_export
-from export import onnx_format as names
+from fanformer.export import onnx_export
+from fanformer.export import onnx_format as names
 from fanformer.cli import main
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.pipeline import train_run
 from fanformer.tokenizer import BOS, EOS, PAD
-from runtime import GenerationConfig, eval_tokens, generate, load_backend, perplexity, reference_greedy
+from fanformer.runtime import GenerationConfig, eval_tokens, generate, load_backend, perplexity, reference_greedy
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MODEL = dict(vocab_size=400, max_seq_len=64)
@@ -295,7 +295,9 @@ def test_failed_export_leaves_nothing_behind(monkeypatch, first, tmp_path, cli_f
         assert (folder / names.MODEL_FILE).is_file()  # the graph was written, then rejected
         raise FANformerError("ONNX validation failed: simulated")
 
-    monkeypatch.setattr(onnx_export, "validate", failing_validation)
+    from fanformer.runtime import validation
+
+    monkeypatch.setitem(validation.VALIDATORS, "onnx", failing_validation)
     out = tmp_path / "out"
     cli_fails(["export", first.checkpoint, "--format", "onnx", "--out", out], "validation failed")
     assert not out.exists() and leftovers(tmp_path, "out") == []

@@ -10,12 +10,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export import default_output
-from export.onnx_export import TOLERANCE, compare_logits, export_onnx
-from export.onnx_quant import quantize_onnx
+from fanformer.export import default_output
+from fanformer.export.onnx_export import export_onnx
+from fanformer.runtime.validation import TOLERANCE, compare_logits, validate_onnx
+from fanformer.export.onnx_quant import quantize_onnx
 from fanformer.cli import main
 from fanformer.errors import FANformerError
-from runtime import drift, load_backend, reference_greedy
+from fanformer.runtime import drift, load_backend, reference_greedy
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 # (dtype, quantize) of every export kind the tests build once.
@@ -31,7 +32,8 @@ def checkpoint(overfit_checkpoint):
 @pytest.fixture(scope="module")
 def exports(checkpoint):
     """kind -> exported folder; export_onnx validates each (raising above its tolerance)."""
-    return {kind: export_onnx(checkpoint, checkpoint.with_name(f"onnx-{kind}"), dtype=dtype, quantize=quantize)
+    return {kind: export_onnx(checkpoint, checkpoint.with_name(f"onnx-{kind}"), dtype=dtype, quantize=quantize,
+                             validate=validate_onnx)
             for kind, (dtype, quantize) in KINDS.items()}
 
 
@@ -137,7 +139,7 @@ def test_drift_against_pytorch(exports, checkpoint, kind):
 @pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
 def test_genai_greedy_matches_onnxruntime(exports, checkpoint, kind):
     pytest.importorskip("onnxruntime_genai")
-    from runtime.genai import GenaiSession
+    from fanformer.runtime.genai import GenaiSession
 
     prompt = load_backend(checkpoint, format="pytorch").tokenizer.encode(TEXTS[0]).ids
     expected = reference_greedy(load_backend(exports[kind], format="onnx"), prompt, 8)

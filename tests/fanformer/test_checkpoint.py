@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-import fanformer  # noqa: F401  (registers the Auto classes)
-from fanformer.checkpoint import (WEIGHTS_FILE, load_model, save_checkpoint,
-                                  write_directory_atomically)
+import fanformer.hf  # noqa: F401  (registers the Auto classes)
+from fanformer.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
+from fanformer.outputs import write_directory_atomically
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer

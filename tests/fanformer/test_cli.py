@@ -208,7 +208,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path, argv, message
 # --- generate and eval -----------------------------------------------------------------
 
 def test_generate_streams_the_same_text_as_the_library(capsys, trained):
-    from runtime import GenerationConfig, generate, load_backend
+    from fanformer.runtime import GenerationConfig, generate, load_backend
 
     assert main(["generate", str(trained), "--prompt", "def f(", "--greedy", "--max-new-tokens", "12",
                  "--device", "cpu"]) == 0

@@ -206,7 +206,7 @@ def test_cli_trains_and_evaluates_an_fftnet_model(trained_fftnet, cli_eval_match
 
 
 def test_cli_generation_matches_the_uncached_reference(capsys, trained_fftnet):
-    from runtime import load_backend, reference_greedy
+    from fanformer.runtime import load_backend, reference_greedy
 
     capsys.readouterr()
     assert main(["generate", str(trained_fftnet), "--prompt", "def f(", "--greedy", "--max-new-tokens", "10",
@@ -227,11 +227,13 @@ def test_gguf_export_refuses_fftnet(trained_fftnet, tmp_path, cli_fails):
 def test_onnx_export_runs_the_dft_and_matches_pytorch(trained_fftnet, tmp_path):
     import onnx
 
-    from export import onnx_export
+    from fanformer.export import onnx_export
+    from fanformer.runtime import validation
 
-    out = onnx_export.export_onnx(trained_fftnet, tmp_path / "onnx")  # validates prefill + decode itself
+    out = onnx_export.export_onnx(trained_fftnet, tmp_path / "onnx",
+                                   validate=validation.validate_onnx)
     ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
     assert "DFT" in ops
-    worst, top1 = onnx_export.compare_logits(trained_fftnet, out)
+    worst, top1 = validation.compare_logits(trained_fftnet, out)
     assert worst < 1e-3 and top1 == 1.0
     shutil.rmtree(out)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import fanformer  # noqa: F401  (registers the Auto classes)
+import fanformer.hf  # noqa: F401  (registers the Auto classes)
 from fanformer.checkpoint import save_checkpoint
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer

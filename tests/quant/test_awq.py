@@ -11,9 +11,9 @@ from fanformer.checkpoint import load_model
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
-from quant import AWQConfig, RTNConfig, quantize
-from quant.awq import apply_scales, block_groups, group_output_error, pseudo_quantize, search_clip
-from quant.calibration import calibration_tokens
+from fanformer.quant import AWQConfig, RTNConfig, quantize
+from fanformer.quant.awq import apply_scales, block_groups, group_output_error, pseudo_quantize, search_clip
+from fanformer.quant.calibration import calibration_tokens
 
 OPTIONS = [dict(), dict(norm="hybrid"), dict(cola_rank=0.25, cola_lm_head=True), dict(fan_activation="gelu"),
            dict(p=0), dict(gated_residual=True, n_kv_heads=4), dict(n_kv_heads=1),

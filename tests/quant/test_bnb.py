@@ -18,12 +18,12 @@ from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
-from quant import BnbInt8Config, BnbNF4Config, RTNConfig, quantize
-from quant.bnb import bnb  # bitsandbytes, imported (quietly) by quant.bnb
-from quant.bnb import NF4Linear, dequantize_nf4
-from quant.checkpoint import REPORT_FILE, load_quantized_model, quantize_checkpoint, save_quantized
-from runtime import GenerationConfig, drift, eval_tokens, fp16_reference, generate, load_backend, perplexity
-from runtime import reference_greedy
+from fanformer.quant import BnbInt8Config, BnbNF4Config, RTNConfig, quantize
+from fanformer.quant.bnb import bnb  # bitsandbytes, imported (quietly) by quant.bnb
+from fanformer.quant.bnb import NF4Linear, dequantize_nf4
+from fanformer.quant.checkpoint import REPORT_FILE, load_quantized_model, quantize_checkpoint, save_quantized
+from fanformer.runtime import GenerationConfig, drift, eval_tokens, fp16_reference, generate, load_backend, perplexity
+from fanformer.runtime import reference_greedy
 
 # The 16 NormalFloat levels as printed in QLoRA (Dettmers et al. 2023, appendix E).
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -281,7 +281,7 @@ def test_cli_nf4_double_quant(trained, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "int8", "--bits", "8"], "--bits do not apply to --method int8"),
+    (["--method", "int8", "--bits", "8"], "--bits does not apply to --method int8"),
     (["--method", "nf4", "--group-size", "64", "--asym"], "--group-size, --sym/--asym do not apply to --method nf4"),
     (["--method", "nf4", "--act-order", "--calib-samples", "4"], "--act-order, --calib-samples do not apply"),
     (["--method", "int8", "--double-quant"], "--double-quant only applies to --method nf4"),
@@ -309,6 +309,8 @@ def test_export_refuses_bnb_checkpoints(checkpoints, tmp_path, cli_fails, fmt):
 def test_transformers_reads_the_int8_checkpoint(checkpoints):
     pytest.importorskip("accelerate")  # transformers loads no bitsandbytes checkpoint without it
     from transformers import AutoModelForCausalLM
+
+    import fanformer.hf  # noqa: F401  (registers the Auto classes)
 
     path = checkpoints["int8"][1]
     hf = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -74,4 +74,4 @@ def test_gptq_flags_with_rtn(trained, tmp_path, cli_fails):
     cli_fails(quantize_args(trained, tmp_path / "q", "--method", "awq", "--act-order"),
           "--act-order only applies to --method gptq")
     cli_fails(quantize_args(trained, tmp_path / "q", "--method", "rtn", "--calib-samples", "4"),
-          "--calib-samples only apply to --method gptq or awq")
+          "--calib-samples only applies to --method gptq or awq")

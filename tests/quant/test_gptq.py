@@ -8,9 +8,9 @@ import torch
 from fanformer.checkpoint import load_model
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer
-from quant.calibration import calibration_tokens, calibration_windows
-from quant.gptq import Hessian, gptq_quantize, inverse_hessian_cholesky
-from quant.rtn import rtn_quantize
+from fanformer.quant.calibration import calibration_tokens, calibration_windows
+from fanformer.quant.gptq import Hessian, gptq_quantize, inverse_hessian_cholesky
+from fanformer.quant.rtn import rtn_quantize
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_dead_columns_are_zeroed():
 
 def test_indefinite_hessian_retries_with_more_damping(caplog):
     H = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues -1 and 3
-    with caplog.at_level(logging.WARNING, logger="quant.gptq"):
+    with caplog.at_level(logging.WARNING, logger="fanformer.quant.gptq"):
         U = inverse_hessian_cholesky(H, 0.01)
     assert torch.isfinite(U).all() and "retrying" in caplog.text
     with pytest.raises(FANformerError, match="not positive definite"):

@@ -7,8 +7,8 @@ import torch
 
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
-from quant import GPTQConfig, QuantLinear, quantize
-from quant.packing import pack_dim0, unpack_dim0
+from fanformer.quant import GPTQConfig, QuantLinear, quantize
+from fanformer.quant.packing import pack_dim0, unpack_dim0
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from quant import grid
+from fanformer.quant import grid
 
 FP16_4_3 = 1.333984375  # 4/3 rounded UP to fp16 (nearest is 1.3330078125, which would not cover the range)
 

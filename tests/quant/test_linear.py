@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
-from quant import GPTQConfig, QuantLinear, RTNConfig, quantize
-from quant.grid import group_index
-from quant.gptq import gptq_quantize
-from quant.rtn import rtn_quantize
+from fanformer.quant import GPTQConfig, QuantLinear, RTNConfig, quantize
+from fanformer.quant.grid import group_index
+from fanformer.quant.gptq import gptq_quantize
+from fanformer.quant.rtn import rtn_quantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

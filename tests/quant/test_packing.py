@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fanformer.errors import FANformerError
-from quant import grid
-from quant.packing import pack, pack_dim0, unpack, unpack_dim0
+from fanformer.quant import grid
+from fanformer.quant.packing import pack, pack_dim0, unpack, unpack_dim0
 
 
 def as_int32(x: int) -> int:

@@ -10,10 +10,10 @@ from safetensors import safe_open
 from fanformer.checkpoint import load_model
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer
-from quant import AWQConfig, GPTQConfig, QuantLinear, RTNConfig, quantize
-from quant.calibration import calibration_tokens
-from quant.checkpoint import REPORT_FILE, load_quantized_model, quantize_checkpoint, save_quantized
-from runtime import GenerationConfig, drift, eval_tokens, fp16_reference, generate, load_backend, reference_greedy
+from fanformer.quant import AWQConfig, GPTQConfig, QuantLinear, RTNConfig, quantize
+from fanformer.quant.calibration import calibration_tokens
+from fanformer.quant.checkpoint import REPORT_FILE, load_quantized_model, quantize_checkpoint, save_quantized
+from fanformer.runtime import GenerationConfig, drift, eval_tokens, fp16_reference, generate, load_backend, reference_greedy
 
 CALIB = dict(calib_samples=32, calib_seq_len=64)
 METHODS = {"rtn8": RTNConfig(bits=8, group_size=32), "rtn4": RTNConfig(bits=4, group_size=32),

@@ -15,7 +15,7 @@ from fanformer.checkpoint import save_checkpoint
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 from fanformer.tokenizer import train_tokenizer
-from runtime.backend import Backend, BackendInfo
+from fanformer.runtime.backend import Backend, BackendInfo
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 

@@ -3,12 +3,11 @@ import json
 import pytest
 import torch
 
-import runtime  # noqa: F401  (registers the "pytorch" backend)
 from fanformer.checkpoint import load_model
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import special_token_ids
-from runtime.backend import detect_format, load_backend
-from runtime.torch_backend import TorchBackend
+from fanformer.runtime.backend import detect_format, load_backend
+from fanformer.runtime.torch_backend import TorchBackend
 
 
 @pytest.fixture(scope="module")

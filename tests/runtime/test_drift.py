@@ -6,9 +6,9 @@ import torch
 
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import train_tokenizer
-from runtime.backend import load_backend
-from runtime.drift import drift, fp16_reference
-from runtime.torch_backend import TorchBackend
+from fanformer.runtime.backend import load_backend
+from fanformer.runtime.drift import drift, fp16_reference
+from fanformer.runtime.torch_backend import TorchBackend
 
 V = 40
 

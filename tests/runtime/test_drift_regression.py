@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from fanformer.pipeline import train_run
-from runtime.drift_table import TableConfig, load_budgets, markdown, run_drift_table
-from runtime.variants import DEFAULT_VARIANTS
+from fanformer.runtime.drift_budgets import load_budgets
+from fanformer.runtime.drift_report import markdown
+from fanformer.runtime.drift_table import TableConfig, run_drift_table
+from fanformer.runtime.variants import DEFAULT_VARIANTS
 
 pytestmark = pytest.mark.drift
 
@@ -79,21 +81,21 @@ def test_every_default_variant_has_a_budget(budgets):
 
 def scales_off(monkeypatch):
     """The quantizer stores scales 5% larger than the ones its codes were rounded with."""
-    import quant.rtn
+    from fanformer.quant import rtn as quant_rtn
 
-    real = quant.rtn.rtn_quantize
+    real = quant_rtn.rtn_quantize
 
     def rtn_quantize(*args, **kwargs):
         weight = real(*args, **kwargs)
         weight.scales = weight.scales * 1.05
         return weight
 
-    monkeypatch.setattr(quant.rtn, "rtn_quantize", rtn_quantize)
+    monkeypatch.setattr(quant_rtn, "rtn_quantize", rtn_quantize)
 
 
 def gguf_scales_off(monkeypatch):
     """The GGUF exporter quantizes every 2-D weight 5% too large (a wrong block scale)."""
-    import export.gguf_export as gguf_export
+    import fanformer.export.gguf_export as gguf_export
 
     real = gguf_export.quants.quantize
 
@@ -108,7 +110,7 @@ def gguf_scales_off(monkeypatch):
 def rope_layout_wrong(monkeypatch):
     """Q and K rows written in llama.cpp's interleaved RoPE layout into a fanformer-arch
     file, whose loader expects the rotate-half layout."""
-    import export.gguf_export as gguf_export
+    import fanformer.export.gguf_export as gguf_export
 
     real = gguf_export.model_state_dict
 
@@ -126,7 +128,7 @@ def rope_layout_wrong(monkeypatch):
 
 def nibbles_swapped(monkeypatch):
     """The GPTQ-to-GGUF carry packs the two halves of each q4_0 block the wrong way round."""
-    import export.gguf_carry as gguf_carry
+    import fanformer.export.gguf_carry as gguf_carry
 
     real = gguf_carry._nibbles
     monkeypatch.setattr(gguf_carry, "_nibbles", lambda q: real(np.concatenate([q[..., 16:], q[..., :16]], -1)))

@@ -11,10 +11,12 @@ import torch
 from fanformer.checkpoint import save_checkpoint
 from fanformer.cli import main
 from fanformer.errors import FANformerError
-from runtime import drift, eval_tokens, fp16_reference, load_backend
-from runtime.drift_table import (DriftTable, ReferenceMemo, TableConfig, budget_breaches, markdown,
-                                 run_drift_table, time_decode_in_child)
-from runtime.variants import VARIANTS, check_names
+from fanformer.runtime import drift, eval_tokens, fp16_reference, load_backend
+from fanformer.runtime.decode_timing import time_decode_in_child
+from fanformer.runtime.drift_budgets import budget_breaches
+from fanformer.runtime.drift_report import markdown
+from fanformer.runtime.drift_table import DriftTable, ReferenceMemo, TableConfig, run_drift_table
+from fanformer.runtime.variants import VARIANTS, check_names
 
 MAX_TOKENS = 600
 
@@ -143,8 +145,8 @@ def test_bad_input_is_a_clear_error(ckpt, tmp_path, cli_fails, table):
 
 
 def test_a_quantized_checkpoint_is_refused(ckpt, tmp_path, cli_fails):
-    from quant.checkpoint import quantize_checkpoint
-    from quant.config import RTNConfig
+    from fanformer.quant.checkpoint import quantize_checkpoint
+    from fanformer.quant.config import RTNConfig
 
     quantized = tmp_path / "q"
     quantize_checkpoint(ckpt, RTNConfig(bits=8, group_size=-1), quantized, progress=False)
@@ -181,7 +183,7 @@ def test_decode_is_timed_in_a_process_of_its_own(ckpt):
 
 def test_quickstart_trains_measures_and_samples(corpus, tmp_path, monkeypatch, capsys, cli_fails):
     """The quickstart end to end on a few steps and two variants (the real one runs them all)."""
-    import fanformer.cli as cli
+    import fanformer.cli.train as cli
 
     monkeypatch.setattr(cli, "QUICKSTART_DRIFT", dict(variants=("gguf-q8_0", "gguf-q4_0"), max_tokens=300,
                                                        speed=False))

@@ -4,16 +4,17 @@ the same graph, so the same logits, whether scored whole or decoded token by tok
 import pytest
 import torch
 
-from export import export
+from fanformer.export import export
 from fanformer.errors import FANformerError
-from runtime import GenerationConfig, generate, load_backend, reference_greedy
+from fanformer.runtime import GenerationConfig, generate, load_backend, reference_greedy
+from fanformer.runtime.validation import validate_onnx
 
 pytest.importorskip("onnxruntime_genai")
 
 
 @pytest.fixture(scope="module")
 def folder(checkpoint):
-    return export(checkpoint, "onnx", checkpoint.with_name("genai-onnx"))
+    return export(checkpoint, "onnx", checkpoint.with_name("genai-onnx"), validate=validate_onnx)
 
 
 @pytest.fixture(scope="module")

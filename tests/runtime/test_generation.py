@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fanformer.errors import FANformerError
-from runtime.generation import (DEFAULT_MAX_NEW_TOKENS, GenerationConfig, apply_repetition_penalty, generate,
+from fanformer.runtime.generation import (DEFAULT_MAX_NEW_TOKENS, GenerationConfig, apply_repetition_penalty, generate,
                                 next_tokens, process_logits, reference_greedy, top_k_filter, top_p_filter)
-from runtime.torch_backend import TorchBackend
+from fanformer.runtime.torch_backend import TorchBackend
 
 PROMPTS = ["def add(x, y):\n    return", "Fourier", "x = cos(3.14) + sin(π)"]  # 10, 1 and 14 tokens
 

@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
-from export import gguf_format as names
-from export.gguf_export import export_gguf
+from fanformer.export import gguf_format as names
+from fanformer.export.gguf_export import export_gguf
 from fanformer.checkpoint import load_model, save_checkpoint
 from fanformer.cli import main
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer
-from runtime import drift, eval_tokens, generate, load_backend, reference_greedy
-from runtime.gguf_backend import (DEQUANTIZE, HAS_FBGEMM, HAS_ONEDNN_BF16, Bf16Linear, DenseLinear, Fp16Linear,
-                                  Int4Linear, SharedInputLinear, dequantize, float_linear, int4_planes)
-from runtime.generation import GenerationConfig
-from runtime.torch_backend import TorchBackend
+from fanformer.runtime import drift, eval_tokens, generate, load_backend, reference_greedy
+from fanformer.runtime.gguf_layers import (DEQUANTIZE, HAS_FBGEMM, HAS_ONEDNN_BF16, Bf16Linear, DenseLinear, Fp16Linear,
+                                           Int4Linear, SharedInputLinear, dequantize, float_linear, int4_planes)
+from fanformer.runtime.generation import GenerationConfig
+from fanformer.runtime.torch_backend import TorchBackend
 
 Q = GGMLQuantizationType
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 
 from fanformer.cli import main
 from fanformer.pipeline import train_run
-from runtime import GenerationConfig, eval_tokens, generate, load_backend, perplexity
+from fanformer.runtime import GenerationConfig, eval_tokens, generate, load_backend, perplexity
 
 PROMPTS = ["def ", "import json\n", "class Parser(object):\n    def "]
 

@@ -8,9 +8,9 @@ import torch
 from fanformer.data import split_of
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import special_token_ids
-from runtime.perplexity import (Window, chunk_windows, eval_tokens, make_windows, perplexity, sliding_windows,
+from fanformer.runtime.perplexity import (Window, chunk_windows, eval_tokens, make_windows, perplexity, sliding_windows,
                                 summarize_nll)
-from runtime.torch_backend import TorchBackend
+from fanformer.runtime.torch_backend import TorchBackend
 
 V = 50
 
