@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,6 +250,41 @@ def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.opti
     return mean_loss, grad_norm
 
 
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step it is in, so the
+    checkpoint it then writes holds a finished step (an interrupt inside the optimizer
+    update would leave some parameters updated and others not). A second SIGINT stops at
+    once. Handlers are installed only in the main thread, and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self, dist_info: Dist, device: torch.device) -> bool:
+        """Whether any process was asked to stop: every rank must stop at the same step."""
+        if dist_info.world == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
 def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
           config: TrainConfig, out: str | Path, resume: tuple[dict, dict] | None = None,
           progress: bool = True) -> dict:
@@ -295,42 +332,50 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         # The live log restarts from what the checkpoint knows (nothing, for a new run).
         (out / METRICS_FILE).write_text(jsonl(metrics))
     t0, tokens_since = time.perf_counter(), 0
-    while step < stop:
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        starts = batch_starts(len(train_tokens), seq_len, global_batch, config.seed, step)
-        loss_t, grad_norm_t = optimizer_step(net, model, optimizer, train_tokens, starts, seq_len,
-                                             config, dist_info, device)
-        step += 1
-        tokens_seen += global_batch * seq_len
-        tokens_since += global_batch * seq_len
-        bar.update(1)
-        record = None
-        evaluating = bool(config.eval_every and step % config.eval_every == 0) or step == stop
-        if step % config.log_every == 0 or evaluating:
-            train_loss = loss_t.item()  # the only waits on the device: log and eval steps
-        if step % config.log_every == 0 or step == stop:
-            grad_norm = grad_norm_t.item()
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": grad_norm,
-                      "tokens": tokens_seen, "tok_per_s": round(tokens_since / max(elapsed, 1e-9), 1)}
-            t0, tokens_since = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
-        if evaluating:
-            val = evaluate(model, val_tokens, seq_len, config.batch_size, config.eval_batches, device)
-            if val is not None:
-                record = record or {"step": step, "loss": round(train_loss, 6), "tokens": tokens_seen}
-                record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50.0)), 3))
+    with GracefulStop() as stopper:
+        while step < stop:
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            starts = batch_starts(len(train_tokens), seq_len, global_batch, config.seed, step)
+            loss_t, grad_norm_t = optimizer_step(net, model, optimizer, train_tokens, starts, seq_len,
+                                                 config, dist_info, device)
+            step += 1
+            tokens_seen += global_batch * seq_len
+            tokens_since += global_batch * seq_len
+            bar.update(1)
+            record = None
+            evaluating = bool(config.eval_every and step % config.eval_every == 0) or step == stop
+            if step % config.log_every == 0 or evaluating:
+                train_loss = loss_t.item()  # the only waits on the device: log and eval steps
+            if step % config.log_every == 0 or step == stop:
+                grad_norm = grad_norm_t.item()
+                elapsed = time.perf_counter() - t0
+                record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": grad_norm,
+                          "tokens": tokens_seen, "tok_per_s": round(tokens_since / max(elapsed, 1e-9), 1)}
+                t0, tokens_since = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+            if evaluating:
+                val = evaluate(model, val_tokens, seq_len, config.batch_size, config.eval_batches, device)
+                if val is not None:
+                    record = record or {"step": step, "loss": round(train_loss, 6), "tokens": tokens_seen}
+                    record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50.0)), 3))
+                    if dist_info.main:
+                        bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
+            if record is not None and dist_info.main:
+                metrics.append(record)
+                with open(out / METRICS_FILE, "a") as f:  # live log; each checkpoint rewrites it whole
+                    f.write(json.dumps(record) + "\n")
+                last = record
+            saving = bool(config.save_every and step % config.save_every == 0) or step == stop
+            if saving:
+                checkpoint()
+            if step < stop and stopper.requested(dist_info, device):
+                if not saving:
+                    checkpoint()  # the last finished step, so --resume continues exactly
                 if dist_info.main:
-                    bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
-        if record is not None and dist_info.main:
-            metrics.append(record)
-            with open(out / METRICS_FILE, "a") as f:  # live log; each checkpoint rewrites it whole
-                f.write(json.dumps(record) + "\n")
-            last = record
-        if (config.save_every and step % config.save_every == 0) or step == stop:
-            checkpoint()
+                    log.info("stopped after step %d; saved it to %s: --resume continues from there", step, out)
+                raise KeyboardInterrupt
     bar.close()
     if dist_info.world > 1:
         dist.barrier()

@@ -151,19 +151,8 @@ def generate(backend: Backend, prompts: Sequence[str], config: GenerationConfig,
              on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
     """Continue each prompt; `on_text(row, delta)` receives text as it is produced."""
     tokenizer, info = backend.tokenizer, backend.info
-    if not prompts:
-        raise FANformerError("no prompt given")
-    prompt_ids = [tokenizer.encode(p).ids for p in prompts]
-    for prompt, ids in zip(prompts, prompt_ids):
-        if not ids:
-            raise FANformerError("empty prompt: give some text to continue")
-        if len(ids) >= info.max_seq_len:
-            raise FANformerError(f"prompt {prompt[:40]!r}... is {len(ids)} tokens, but the model's context is "
-                                 f"{info.max_seq_len}; shorten it")
+    prompt_ids = check_prompts(backend, prompts, config)
     rows = [_Row(config.new_token_budget(len(ids))) for ids in prompt_ids]
-    for row, ids in zip(rows, prompt_ids):
-        if row.budget < 1:
-            raise FANformerError(f"max_length {config.max_length} leaves no room after a {len(ids)}-token prompt")
 
     batch, width = len(prompt_ids), max(len(ids) for ids in prompt_ids)
     input_ids = torch.full((batch, width), info.pad_id, dtype=torch.long)
@@ -193,6 +182,24 @@ def generate(backend: Backend, prompts: Sequence[str], config: GenerationConfig,
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
         logits = backend.decode(cache, chosen[:, None], mask)[:, -1].float().cpu()
     return [Generation(row.text, row.ids, row.finish) for row in rows]
+
+
+def check_prompts(backend: Backend, prompts: Sequence[str], config: GenerationConfig) -> list[list[int]]:
+    """The prompts' token ids, or one FANformerError for a prompt that cannot be continued
+    (empty, as long as the context, or leaving no room under max_length); a caller that
+    echoes prompts checks them first, so a rejected prompt is never printed."""
+    if not prompts:
+        raise FANformerError("no prompt given")
+    prompt_ids = [backend.tokenizer.encode(p).ids for p in prompts]
+    for prompt, ids in zip(prompts, prompt_ids):
+        if not ids:
+            raise FANformerError("empty prompt: give some text to continue")
+        if len(ids) >= backend.info.max_seq_len:
+            raise FANformerError(f"prompt {prompt[:40]!r}... is {len(ids)} tokens, but the model's context is "
+                                 f"{backend.info.max_seq_len}; shorten it")
+        if config.new_token_budget(len(ids)) < 1:
+            raise FANformerError(f"max_length {config.max_length} leaves no room after a {len(ids)}-token prompt")
+    return prompt_ids
 
 
 def _advance(row: _Row, token: int, length: int, tokenizer, info, config: GenerationConfig) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fanformer.cli.flags import add_config_flags, config_overrides
+from fanformer.cli.flags import add_config_flags, config_overrides, positive_int
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -60,10 +60,10 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                                   description="DFT over the number axis of the embeddings (and hidden states) of the "
                                               "tokens '0'..'N'; prints the dominant periods and plots the spectrum.")
         fourier.add_argument("checkpoint", help="checkpoint directory whose tokenizer has the number tokens")
-        fourier.add_argument("--max-number", type=int, help="analyse 0..N (default: the longest run of number "
+        fourier.add_argument("--max-number", type=positive_int, help="analyse 0..N (default: the longest run of number "
                                                             "tokens from 0)")
         fourier.add_argument("--layers", action="store_true", help="also the hidden state after every block")
-        fourier.add_argument("--top", type=int, default=5, help="dominant periods to report (default 5)")
+        fourier.add_argument("--top", type=positive_int, default=5, help="dominant periods to report (default 5)")
         fourier.add_argument("--out", help="folder for fourier.png and fourier.json (default <checkpoint>-fourier)")
         fourier.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -30,6 +30,29 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a size: refused (one line, exit 2) unless a whole number >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count where 0 has a stated meaning (off, all)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
 def _kind(hint) -> tuple[type, bool]:
     """(element type, repeatable) of a field's type hint: `X | None` is X, `tuple[X, ...]` repeats X."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]

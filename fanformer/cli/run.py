@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from fanformer.cli.flags import non_negative_int, positive_int
+
 
 def generation_config(args: argparse.Namespace, defaults: dict):
     """Flags first, then the model's generation_config.json, then GenerationConfig's own defaults."""
@@ -34,18 +36,29 @@ def backend_options(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text with KV caching from a checkpoint or exported model; interactive without --prompt."""
     from fanformer.runtime import generate, load_backend
+    from fanformer.runtime.generation import check_prompts
 
     backend = load_backend(args.path, format=args.format, **backend_options(args))
     config = generation_config(args, backend.generation_defaults)
 
+    def warn_if_cut(results) -> None:
+        if any(result.finish_reason == "context" for result in results):
+            print(f"fanformer generate: warning: stopped at the model's context of {backend.info.max_seq_len} "
+                  "tokens (prompt + generated) before the requested length; ask for fewer new tokens or give a "
+                  "shorter prompt", file=sys.stderr)
+
     def stream(prompt: str) -> None:
+        check_prompts(backend, [prompt], config)  # a prompt that is refused is never echoed
         print(prompt, end="", flush=True)
-        generate(backend, [prompt], config, on_text=lambda _, delta: print(delta, end="", flush=True))
+        results = generate(backend, [prompt], config, on_text=lambda _, delta: print(delta, end="", flush=True))
         print(flush=True)
+        warn_if_cut(results)
 
     if args.prompt and len(args.prompt) > 1:
-        for prompt, result in zip(args.prompt, generate(backend, args.prompt, config)):
+        results = generate(backend, args.prompt, config)
+        for prompt, result in zip(args.prompt, results):
             print(prompt + result.text, end="\n\n", flush=True)
+        warn_if_cut(results)
     elif args.prompt:
         stream(args.prompt[0])
     else:
@@ -73,9 +86,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fanformer.runtime.perplexity import check_ctx
 
     backend = load_backend(args.path, format=args.format, **backend_options(args))
-    ctx = args.ctx or min(512, backend.info.max_seq_len)
+    ctx = args.ctx if args.ctx is not None else min(512, backend.info.max_seq_len)
     check_ctx(backend, ctx)
     tokens = eval_tokens(backend.tokenizer, args.data, args.split, args.max_tokens, args.cache_dir)
+    if not args.quiet and not args.json:
+        limit = "" if args.max_tokens else "; --max-tokens N scores fewer"
+        print(f"scoring {len(tokens):,} tokens of the {args.split} split at ctx {ctx}{limit}", file=sys.stderr)
     options = dict(protocol=args.protocol, ctx=ctx, stride=args.stride, batch_size=args.batch_size,
                    progress=not args.quiet)
     if args.reference is None:
@@ -158,11 +174,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name == "generate":
         add_backend_flags(parser)
         parser.add_argument("--prompt", action="append", help="text to continue (repeat for a batch); none = interactive")
-        parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 128)")
-        parser.add_argument("--max-length", type=int, help="prompt + generated tokens, as in transformers")
-        parser.add_argument("--min-length", type=int, help="prompt + generated tokens before EOS may end the text")
+        parser.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate (default 128)")
+        parser.add_argument("--max-length", type=positive_int, help="prompt + generated tokens, as in transformers")
+        parser.add_argument("--min-length", type=non_negative_int, help="prompt + generated tokens before EOS may end the text")
         parser.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation_config.json)")
-        parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+        parser.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0 = off)")
         parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
         parser.add_argument("--repetition-penalty", type=float, help="CTRL repetition penalty (1 = off)")
         parser.add_argument("--stop", action="append", help="stop when this string is produced (repeatable)")
@@ -173,12 +189,12 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", nargs="+", help="corpus files/folders/globs (default: the Python standard library)")
         parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                             help="held-out split of --data to score, or all of it (default test)")
-        parser.add_argument("--ctx", type=int, help="context window (default min(512, the model's maximum))")
-        parser.add_argument("--stride", type=int, help="sliding-window stride (default ctx/2)")
+        parser.add_argument("--ctx", type=positive_int, help="context window (default min(512, the model's maximum))")
+        parser.add_argument("--stride", type=positive_int, help="sliding-window stride (default ctx/2)")
         parser.add_argument("--protocol", default="sliding", choices=["sliding", "chunks"],
                             help="sliding: every token scored once (Hugging Face); chunks: llama.cpp's llama-perplexity")
-        parser.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
-        parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+        parser.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the split")
+        parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
         parser.add_argument("--reference", help="compare against this model: drift, KL divergence, top-1 agreement")
         parser.add_argument("--reference-precision", default="fp16", choices=["fp16", "native"],
                             help="a full-precision reference checkpoint is rounded to fp16 first (default) or used as is")
@@ -198,13 +214,13 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                             "the defaults for the variants it names (see tests/drift_budget.json)")
         parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                             help="split of --data to score (default test)")
-        parser.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (default 8192; 0 = all)")
-        parser.add_argument("--ctx", type=int, help="context window (default min(512, the model's maximum)), stride ctx/2")
-        parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-        parser.add_argument("--calib-samples", type=int, help="GPTQ/AWQ calibration windows (default: the methods' own, 128)")
+        parser.add_argument("--max-tokens", type=non_negative_int, default=8192, help="score the first N tokens (default 8192; 0 = all)")
+        parser.add_argument("--ctx", type=positive_int, help="context window (default min(512, the model's maximum)), stride ctx/2")
+        parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
+        parser.add_argument("--calib-samples", type=positive_int, help="GPTQ/AWQ calibration windows (default: the methods' own, 128)")
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto; a variant that cannot run there "
                             "runs on the CPU")
-        parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1: reproducible "
+        parser.add_argument("--threads", type=positive_int, default=1, help="torch and onnxruntime threads (default 1: reproducible "
                             "timings on a shared machine)")
         parser.add_argument("--no-speed", action="store_true", help="skip the decode tokens/s and peak memory columns")
         parser.add_argument("--force", action="store_true", help="replace the table and artifacts in an existing --out")

@@ -266,3 +266,51 @@ def test_eval_bad_input(trained, tmp_path, argv, message, cli_fails):
     (tmp_path / "one.txt").write_text("some text " * 50)
     argv = [a.format(ckpt=trained, tmp=tmp_path) for a in argv]
     cli_fails(argv, message)
+
+
+# --- Sizes, eval's announcement, generate at the context limit ----------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "{ckpt}", "--ctx", "0"], ["eval", "{ckpt}", "--ctx", "-5"], ["eval", "{ckpt}", "--max-tokens", "0"],
+    ["eval", "{ckpt}", "--stride", "0"], ["eval", "{ckpt}", "--batch-size", "0"],
+    ["generate", "{ckpt}", "--prompt", "x", "--max-new-tokens", "0"], ["generate", "{ckpt}", "--max-length", "-1"],
+    ["drift", "{ckpt}", "--ctx", "0"], ["drift", "{ckpt}", "--max-tokens", "-1"], ["quickstart", "--max-steps", "0"],
+])
+def test_zero_and_negative_sizes_are_refused(trained, capsys, argv):
+    argv = [a.format(ckpt=trained) for a in argv]
+    with pytest.raises(SystemExit) as exit:  # argparse refuses it before any work
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"fanformer {argv[0]}: error: argument ")
+    assert "must be" in errors[0] and argv[-1] in errors[0]
+
+
+def test_eval_says_what_it_scores_and_how_to_limit_it(trained, corpus, capsys):
+    assert main(["eval", str(trained), "--data", str(corpus), "--split", "val", "--ctx", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens of the val split at ctx 32; --max-tokens N scores fewer" in err
+    assert main(["eval", str(trained), "--data", str(corpus), "--split", "val", "--ctx", "32", "--max-tokens",
+                 "200"]) == 0
+    err = capsys.readouterr().err
+    assert "scoring 200 tokens of the val split" in err and "--max-tokens N" not in err
+
+
+def test_generate_warns_when_it_stops_at_the_context(trained, capsys):
+    # The model's context is 64: a 70-token budget cannot fit (EOS is held off until then).
+    assert main(["generate", str(trained), "--prompt", "def ", "--max-new-tokens", "70", "--min-length", "64",
+                 "--greedy", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def ")
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "context of 64 tokens" in warnings[0]
+    assert main(["generate", str(trained), "--prompt", "def ", "--max-new-tokens", "3", "--greedy",
+                 "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_generate_never_echoes_a_prompt_it_rejects(trained, cli_fails, capsys):
+    prompt = "the same words " * 40  # far over the 64-token context
+    cli_fails(["generate", str(trained), "--prompt", prompt], "shorten it")
+    assert prompt not in capsys.readouterr().out
