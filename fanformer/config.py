@@ -1,6 +1,6 @@
 """The FANformer configuration: one validated dataclass, its presets and JSON round trip.
 
-Every knob of ../shared/ARCHITECTURE.md lives here; derived widths (the FAN periodic
+Every knob of docs/architecture.md lives here; derived widths (the FAN periodic
 and plain branch widths, CoLA ranks) are properties so they can never disagree with
 the fields they come from.
 """

@@ -1,7 +1,7 @@
 """The FANformer decoder (Dong et al. 2025, arXiv 2502.21309), read top to bottom:
 helpers -> norm -> CoLA linear -> FAN layer -> ATF attention -> SwiGLU -> block -> model.
 
-Options from ../shared/ARCHITECTURE.md: HybridNorm (Zhuo et al. 2025, arXiv 2503.04598),
+Options from docs/architecture.md: HybridNorm (Zhuo et al. 2025, arXiv 2503.04598),
 CoLA low-rank layers (Liu et al. 2025, arXiv 2502.10940), gated residuals, GQA, RoPE;
 config.mixer = "fftnet" swaps attention for a causal FFTNet mixer (fanformer/fftnet.py),
 config.head = "fourier" the linear LM head for a Fourier Head (fanformer/fourier_head.py).
