@@ -1,5 +1,9 @@
 """Training: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast on CUDA, DDP.
 
+Memory options, none of which changes the loss or gradients (tested against the plain
+path): per-block activation checkpointing and a chunked LM-head cross-entropy (both in
+fanformer/model.py), and bitsandbytes' 8-bit AdamW, whose state resumes exactly.
+
 Batches are a pure function of (seed, step, rank, micro-step): random windows of the
 training tokens drawn from a generator seeded by the step. The data position is
 therefore just the step, resuming is exact, and a torchrun job of N processes sees
@@ -31,6 +35,7 @@ from fanformer.model import FANformer
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -52,6 +57,12 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     compile: bool = knob(False, "torch.compile the model")
+    activation_checkpointing: bool = knob(False, "keep only each block's input and recompute the block in "
+                                          "backward: activations of one block instead of all (~1/3 more compute)")
+    loss_chunk: int = knob(0, "compute the LM head and cross-entropy this many positions at a time, recomputed "
+                           "in backward, so the (batch, seq, vocab) logits never exist whole; 0 = all at once")
+    optimizer: str = knob("adamw", "adamw, or adamw8bit: bitsandbytes' block-wise 8-bit AdamW "
+                          "(arXiv 2110.02861), 2 bytes of optimizer state per parameter instead of 8")
     stop_at: int = knob(0, "stop (and checkpoint) after this step, to resume later; 0 = run to max_steps")
     extra: dict = field(default_factory=dict)  # run metadata kept in trainer_state.json
 
@@ -59,11 +70,13 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise FANformerError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "stop_at"):
+        for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "stop_at", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise FANformerError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0 or self.weight_decay < 0:
             raise FANformerError("lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise FANformerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 # --- Pure pieces --------------------------------------------------------------
@@ -105,6 +118,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: torch's (fused on CUDA), or bitsandbytes' 8-bit AdamW.
+
+    The 8-bit one (Dettmers et al. 2022, arXiv 2110.02861) keeps both moments block-wise
+    quantized to uint8 with a float absmax per 256 values, so its state is plain tensors that
+    the safetensors training state saves and restores exactly; tensors under 4096 values
+    (norms, biases) keep 32-bit state, as bitsandbytes does by default.
+    """
+    groups = param_groups(model, config.weight_decay)
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "adamw8bit":
+        return import_bitsandbytes().optim.AdamW8bit(groups, lr=config.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=device.type == "cuda")
+
+
+def import_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise FANformerError(f"--optimizer adamw8bit needs bitsandbytes ({err}); "
+                             "pip install 'bitsandbytes>=0.46', or use --optimizer adamw") from None
+    return bitsandbytes
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -179,10 +216,15 @@ def pack_training_state(optimizer: torch.optim.Optimizer, step: int, config: Tra
             tensors[f"rng.cuda.{i}"] = state
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
+    stored: set[int] = set()
     for idx, state in opt["state"].items():
-        for name, value in state.items():
+        for name, value in _flat_items(state):
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+                value = value.detach().cpu().contiguous()
+                if value.data_ptr() in stored:  # bitsandbytes shares one qmap; safetensors wants each tensor once
+                    value = value.clone()
+                stored.add(value.data_ptr())
+                tensors[f"optim.{idx}.{name}"] = value
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
@@ -200,9 +242,10 @@ def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
+            _set_flat(opt_state.setdefault(int(idx), {}), name, value.to(device) if name != "step" else value)
     for idx, values in state["optimizer"]["scalars"].items():
-        opt_state.setdefault(int(idx), {}).update(values)
+        for name, value in values.items():
+            _set_flat(opt_state.setdefault(int(idx), {}), name, value)
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available():
@@ -210,6 +253,23 @@ def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
     return int(state["step"])
+
+
+def _flat_items(state: dict, prefix: str = ""):
+    """(dotted name, value) for every leaf of a nested optimizer state: bitsandbytes keeps
+    its 8-bit buffers in a sub-dict of each parameter's state."""
+    for name, value in state.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _set_flat(state: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        state = state.setdefault(name, {})
+    state[leaf] = value
 
 
 # --- The loop -----------------------------------------------------------------
@@ -233,8 +293,7 @@ def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.opti
         last_micro = micro == config.grad_accum - 1
         with (contextlib.nullcontext() if last_micro or dist_info.world == 1 else net.no_sync()), autocast(device):
             # aux: the Fourier head's smoothness penalty (0 for the linear head); the logged loss is the LM loss.
-            logits, aux = net(x.to(device, non_blocking=True), return_aux=True)
-            loss = lm_loss(logits, y.to(device, non_blocking=True))
+            loss, aux = net(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True))
         ((loss + aux) / config.grad_accum).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 \
@@ -261,10 +320,14 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     check_enough_tokens(len(train_tokens), seq_len)  # before anything is written to `out`
 
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    model.checkpoint_blocks, model.loss_chunk = config.activation_checkpointing, config.loss_chunk
+    optimizer = build_optimizer(model, config, device)
     step, tokens_seen = 0, 0
     if resume is not None:
+        saved = resume[1]["train_config"].get("optimizer", "adamw")
+        if saved != config.optimizer:
+            raise FANformerError(f"{out} holds {saved} optimizer state, which --optimizer {config.optimizer} "
+                                 f"cannot continue; resume with --optimizer {saved}")
         step = unpack_training_state(optimizer, *resume, device=device)
         tokens_seen = int(resume[1].get("tokens_seen", 0))
         if step >= config.max_steps:
