@@ -120,6 +120,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def use_memory_options(model: FANformer, config: TrainConfig) -> None:
+    """Switch the model's block checkpointing and chunked loss as the config says."""
+    model.checkpoint_blocks, model.loss_chunk = config.activation_checkpointing, config.loss_chunk
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over `param_groups`: torch's (fused on CUDA), or bitsandbytes' 8-bit AdamW.
 
@@ -320,7 +325,7 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     check_enough_tokens(len(train_tokens), seq_len)  # before anything is written to `out`
 
-    model.checkpoint_blocks, model.loss_chunk = config.activation_checkpointing, config.loss_chunk
+    use_memory_options(model, config)
     optimizer = build_optimizer(model, config, device)
     step, tokens_seen = 0, 0
     if resume is not None:
