@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from fanformer.checkpoint import save_checkpoint
@@ -63,6 +64,8 @@ class TrainConfig:
                            "in backward, so the (batch, seq, vocab) logits never exist whole; 0 = all at once")
     optimizer: str = knob("adamw", "adamw, or adamw8bit: bitsandbytes' block-wise 8-bit AdamW "
                           "(arXiv 2110.02861), 2 bytes of optimizer state per parameter instead of 8")
+    fsdp: bool = knob(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
+                      "(FSDP2, bf16 compute on CUDA) and checkpoint in shards (torch.distributed.checkpoint)")
     stop_at: int = knob(0, "stop (and checkpoint) after this step, to resume later; 0 = run to max_steps")
     extra: dict = field(default_factory=dict)  # run metadata kept in trainer_state.json
 
@@ -77,6 +80,9 @@ class TrainConfig:
             raise FANformerError("lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise FANformerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.fsdp and self.optimizer != "adamw":
+            raise FANformerError(f"--fsdp shards torch's AdamW state already; bitsandbytes' {self.optimizer} "
+                                 "cannot hold sharded tensors: use --optimizer adamw with --fsdp")
 
 
 # --- Pure pieces --------------------------------------------------------------
@@ -233,11 +239,16 @@ def pack_training_state(optimizer: torch.optim.Optimizer, step: int, config: Tra
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
-    state = {"step": step, "tokens_seen": tokens_seen, "data_position": {"seed": config.seed, "step": step},
-             "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps, "max_steps": config.max_steps,
-                          "min_lr_ratio": config.min_lr_ratio},
-             "train_config": asdict(config), "optimizer": {"param_groups": groups, "scalars": scalars}}
+    state = {**trainer_state(step, config, tokens_seen), "optimizer": {"param_groups": groups, "scalars": scalars}}
     return tensors, state
+
+
+def trainer_state(step: int, config: TrainConfig, tokens_seen: int) -> dict:
+    """trainer_state.json's position, schedule and config (a sharded checkpoint's whole file)."""
+    return {"step": step, "tokens_seen": tokens_seen, "data_position": {"seed": config.seed, "step": step},
+            "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps, "max_steps": config.max_steps,
+                         "min_lr_ratio": config.min_lr_ratio},
+            "train_config": asdict(config)}
 
 
 def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
@@ -277,6 +288,23 @@ def _set_flat(state: dict, dotted: str, value) -> None:
     state[leaf] = value
 
 
+def check_resumable(state: dict, config: TrainConfig, out: Path) -> None:
+    """Refuse a resume whose saved state the current options cannot continue."""
+    saved = state["train_config"]
+    optimizer = saved.get("optimizer", "adamw")
+    if optimizer != config.optimizer:
+        raise FANformerError(f"{out} holds {optimizer} optimizer state, which --optimizer {config.optimizer} "
+                             f"cannot continue; resume with --optimizer {optimizer}")
+    sharded = bool(saved.get("fsdp", False))
+    if sharded != config.fsdp:
+        how = "under torchrun with --fsdp" if sharded else "without --fsdp"
+        raise FANformerError(f"{out} was trained {'with' if sharded else 'without'} --fsdp and its state is "
+                             f"saved {'in shards' if sharded else 'whole'}; resume it {how}")
+    if state["step"] >= config.max_steps:
+        raise FANformerError(f"{out} has already trained {state['step']} of --max-steps {config.max_steps}; "
+                             "pass a larger --max-steps to train further")
+
+
 # --- The loop -----------------------------------------------------------------
 
 def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.optim.Optimizer,
@@ -296,13 +324,18 @@ def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.opti
         if device.type == "cuda":  # page-locked, so the copies below overlap the previous step's kernels
             x, y = x.pin_memory(), y.pin_memory()
         last_micro = micro == config.grad_accum - 1
-        with (contextlib.nullcontext() if last_micro or dist_info.world == 1 else net.no_sync()), autocast(device):
+        # DDP all-reduces only the last micro-batch's gradients; FSDP reduce-scatters each one, so
+        # that no rank ever holds a whole gradient.
+        skip_sync = not last_micro and dist_info.world > 1 and hasattr(net, "no_sync")
+        with (net.no_sync() if skip_sync else contextlib.nullcontext()), autocast(device):
             # aux: the Fourier head's smoothness penalty (0 for the linear head); the logged loss is the LM loss.
             loss, aux = net(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True))
         ((loss + aux) / config.grad_accum).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 \
         else torch.zeros((), device=device)
+    if isinstance(grad_norm, DTensor):  # FSDP: a norm over the shards of every rank
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean_loss = loss_sum / config.grad_accum
@@ -325,21 +358,27 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     check_enough_tokens(len(train_tokens), seq_len)  # before anything is written to `out`
 
+    if resume is not None:
+        check_resumable(resume[1], config, out)
+    if config.fsdp and dist_info.world == 1:
+        raise FANformerError("--fsdp shards the model over the processes of a torchrun launch: start it with "
+                             "torchrun --nproc_per_node N (N >= 2) -m fanformer.cli train ..., or drop --fsdp")
     use_memory_options(model, config)
+    if config.fsdp:
+        from fanformer import fsdp  # torch.distributed.fsdp and .checkpoint: only for FSDP runs
+
+        fsdp.shard_model(model, device)  # before the optimizer, which must hold the shards
     optimizer = build_optimizer(model, config, device)
     step, tokens_seen = 0, 0
     if resume is not None:
-        saved = resume[1]["train_config"].get("optimizer", "adamw")
-        if saved != config.optimizer:
-            raise FANformerError(f"{out} holds {saved} optimizer state, which --optimizer {config.optimizer} "
-                                 f"cannot continue; resume with --optimizer {saved}")
-        step = unpack_training_state(optimizer, *resume, device=device)
+        if config.fsdp:
+            fsdp.load_sharded(out, model, optimizer)
+            step = int(resume[1]["step"])
+        else:
+            step = unpack_training_state(optimizer, *resume, device=device)
         tokens_seen = int(resume[1].get("tokens_seen", 0))
-        if step >= config.max_steps:
-            raise FANformerError(f"{out} has already trained {step} of --max-steps {config.max_steps}; "
-                                 "pass a larger --max-steps to train further")
     net: torch.nn.Module = model
-    if dist_info.world > 1:
+    if dist_info.world > 1 and not config.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
@@ -352,7 +391,10 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
                dynamic_ncols=True)
 
     def checkpoint() -> None:
-        if dist_info.main:
+        if config.fsdp:  # every rank writes its shards; the run's last checkpoint also gets model.safetensors
+            fsdp.save_sharded(out, model, optimizer, tokenizer, trainer_state(step, config, tokens_seen),
+                              {METRICS_FILE: jsonl(metrics)}, consolidate=step == stop)
+        elif dist_info.main:
             save_checkpoint(out, model, tokenizer, extra_files={METRICS_FILE: jsonl(metrics)},
                             training_state=pack_training_state(optimizer, step, config, tokens_seen))
 
