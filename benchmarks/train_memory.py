@@ -69,8 +69,11 @@ def state_bytes(model: FANformer, optimizer: str) -> int:
     return 8 * n + moments
 
 
-def measure(preset: str, seq_len: int, batch: int, options: dict, steps: int, device: torch.device) -> dict:
-    """One run in this process: peak memory in bytes over `steps` training steps."""
+def measure(preset: str, seq_len: int, batch: int, options: dict, steps: int, device: torch.device,
+            where: list[str]) -> dict:
+    """One run in this process: peak memory in bytes over `steps` training steps. `where`
+    gets the phase in progress, to say where a run that does not fit ran out."""
+    where[0] = "building the model"
     config = FANformerConfig.from_name(preset)
     train = TrainConfig(batch_size=batch, seq_len=seq_len, max_steps=steps, warmup_steps=0, **options)
     torch.manual_seed(0)
@@ -80,6 +83,7 @@ def measure(preset: str, seq_len: int, batch: int, options: dict, steps: int, de
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=4 * batch * seq_len + 1, dtype=np.int64)
     t0 = time.perf_counter()
     for step in range(steps):
+        where[0] = f"step {step + 1}"
         starts = batch_starts(len(tokens), seq_len, batch, seed=0, step=step)
         loss, _ = optimizer_step(model, model, optimizer, tokens, starts, seq_len, train, Dist(), device)
         loss = loss.item()  # waits for the device, so the peak below covers the whole step
@@ -98,14 +102,15 @@ def child(spec: dict) -> None:
     if device.type == "cpu" and spec["limit_gib"]:
         limit = int(spec["limit_gib"] * GIB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    where = ["starting"]
     try:
-        result = measure(spec["preset"], spec["seq_len"], spec["batch"], spec["options"], spec["steps"], device)
+        result = measure(spec["preset"], spec["seq_len"], spec["batch"], spec["options"], spec["steps"], device, where)
     except (MemoryError, torch.OutOfMemoryError) as err:
-        result = {"over": f"{type(err).__name__}"}
+        result = {"over": f"{type(err).__name__} in {where[0]}"}
     except RuntimeError as err:  # the CPU allocator reports a refused allocation as a RuntimeError
         if "alloc" not in str(err).lower() and "memory" not in str(err).lower():
             raise
-        result = {"over": "allocation refused"}
+        result = {"over": f"allocation refused in {where[0]}"}
     print(json.dumps(result))
 
 
@@ -212,6 +217,10 @@ def main() -> None:
         per = f"{row['per_sequence'] / GIB:.2f} GiB" if row["per_sequence"] else "-"
         secs = f"{first['seconds_per_step']:.1f}" if first else "-"
         print(f"{name:<22} | " + " | ".join(cells) + f" | {state:>9} | {per:>9} | {secs:>7} | {row['largest_batch']:>9}")
+    for name, row in rows.items():
+        for b, r in row["points"].items():
+            if "over" in r:
+                print(f"{name} at b={b} did not fit: {r['over']}")
     print("largest b: the largest micro-batch whose predicted peak (fixed + b x per seq, from the two smallest "
           f"measured batches) is under {args.budget_gib:g} GiB")
 
