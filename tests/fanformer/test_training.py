@@ -279,3 +279,8 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
     with pytest.raises(FANformerError, match="pip install 'bitsandbytes>=0.46'"):
         build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+
+
+def test_cli_refuses_8bit_adamw_under_fsdp(cli_fails, tmp_path):
+    cli_fails(["train", "--out", tmp_path / "run", "--fsdp", "--optimizer", "adamw8bit"],
+              "use --optimizer adamw with --fsdp")
