@@ -289,3 +289,17 @@ def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x, targets=x)
     assert max(sizes) >= 2 * 64 * 4000  # the plain path saves the whole (B, T, vocab) logits
+
+
+@pytest.mark.parametrize("checkpoint_blocks, loss_chunk", [(False, 0), (True, 16)])
+def test_training_forward_is_one_graph_for_torch_compile(checkpoint_blocks, loss_chunk):
+    """No graph breaks: torch.compile sees the whole step, so inductor can fuse the FAN layer's
+    cos/sin/concat and SwiGLU's silu(gate) * up into the matmuls' neighbours."""
+    model = build(tiny()).train()
+    model.checkpoint_blocks, model.loss_chunk = checkpoint_blocks, loss_chunk
+    x = torch.randint(0, model.config.vocab_size, (2, 32))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, targets=x)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
