@@ -118,9 +118,11 @@ def run_child(spec: dict, timeout: float) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                           text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == -9:  # SIGKILL: the machine ran out of RAM before the run reached its cap
+        return {"over": "killed by SIGKILL (the kernel's OOM killer: the machine's free RAM ran out first)"}
     if proc.returncode != 0 or not lines:
-        # A kill by the OOM killer (or a crash inside an allocation) leaves no JSON line.
-        return {"over": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"}
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        return {"over": f"exit {proc.returncode}: {last}"}
     return json.loads(lines[-1])
 
 
