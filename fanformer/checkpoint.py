@@ -5,6 +5,9 @@
     tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
     generation_config.json
     training_state.safetensors + trainer_state.json   (only while training: optimizer, RNG, step)
+    sharded/                 an FSDP run's weights, optimizer and RNG as torch.distributed.checkpoint
+                             shards, in place of training_state.safetensors (fanformer/fsdp.py); its
+                             model.safetensors is written when the run ends
 
 A directory is written beside its destination under a temporary name and swapped in
 with renames, so a crash leaves the old checkpoint or the new one, never a mix.
@@ -31,6 +34,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_TYPE = "fanformer"  # config.json's model_type: what transformers' Auto classes dispatch on
 TRAINING_STATE_FILE = "training_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint shards of an FSDP run
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATION_KEY = "quantization_config"  # in config.json of a quantized checkpoint (quant/checkpoint.py)
 
@@ -61,12 +65,13 @@ def hf_config_dict(config: FANformerConfig, special_ids: dict[str, int]) -> dict
             "tie_word_embeddings": config.tie_embeddings, **special_ids, **config.to_dict()}
 
 
-def model_state_dict(model: FANformer) -> dict[str, torch.Tensor]:
+def model_state_dict(model: FANformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Weights to store: contiguous CPU tensors, the tied LM head left out (safetensors
-    refuses shared storage; loading re-ties it)."""
-    state = model.state_dict()
+    refuses shared storage; loading re-ties it). `state`: the model's full state dict when it
+    comes from elsewhere (gathered from FSDP shards)."""
+    state = dict(model.state_dict() if state is None else state)
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
@@ -76,26 +81,34 @@ def save_checkpoint(out: str | Path, model: FANformer, tokenizer, *,
     """Write a complete checkpoint directory at `out`, replacing any previous one.
     `extra_files` maps file names to text written alongside (e.g. the metrics log);
     `config_extra` adds keys to config.json (e.g. a quantized model's quantization_config)."""
+    return write_directory_atomically(out, lambda tmp: write_checkpoint_files(
+        tmp, model.config, tokenizer, model_state_dict(model), training_state=training_state,
+        extra_files=extra_files, config_extra=config_extra))
+
+
+def write_checkpoint_files(folder: Path, config: FANformerConfig, tokenizer, weights: dict[str, torch.Tensor] | None,
+                           *, training_state: tuple[dict[str, torch.Tensor] | None, dict] | None = None,
+                           extra_files: dict[str, str] | None = None, config_extra: dict | None = None) -> None:
+    """A checkpoint's files into `folder`. `weights` (from `model_state_dict`) None leaves out
+    model.safetensors, and training-state tensors None leave out training_state.safetensors:
+    a sharded checkpoint keeps both in its shards."""
     from fanformer.tokenizer import save_tokenizer, special_token_ids
 
-    config = model.config
     special = special_token_ids(tokenizer)
-
-    def write(tmp: Path) -> None:
-        config_json = {**hf_config_dict(config, special), **(config_extra or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        save_tokenizer(tokenizer, tmp, model_max_length=config.max_seq_len)
-        generation = {**special, **DEFAULT_SAMPLING}
-        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2))
-        if training_state is not None:
-            tensors, state = training_state
-            save_file(tensors, str(tmp / TRAINING_STATE_FILE))
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-
-    return write_directory_atomically(out, write)
+    config_json = {**hf_config_dict(config, special), **(config_extra or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
+    if weights is not None:
+        save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tokenizer(tokenizer, folder, model_max_length=config.max_seq_len)
+    generation = {**special, **DEFAULT_SAMPLING}
+    (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2))
+    if training_state is not None:
+        tensors, state = training_state
+        if tensors is not None:
+            save_file(tensors, str(folder / TRAINING_STATE_FILE))
+        (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
 
 
 def load_config(path: str | Path) -> FANformerConfig:
@@ -173,10 +186,18 @@ def load_state(model: FANformer, state: dict[str, torch.Tensor], path: Path,
     return model.eval()
 
 
-def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def is_sharded(path: str | Path) -> bool:
+    """Whether `path` is an FSDP run's checkpoint (weights and optimizer in DCP shards)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """The optimizer/RNG tensors and trainer_state.json of a checkpoint; the tensors are None
+    for a sharded checkpoint, whose shards fanformer.fsdp.load_sharded reads."""
     path = Path(path)
     tensors_file, state_file = path / TRAINING_STATE_FILE, path / TRAINER_STATE_FILE
-    if not (tensors_file.is_file() and state_file.is_file()):
+    sharded = is_sharded(path)
+    if not ((tensors_file.is_file() or sharded) and state_file.is_file()):
         raise FANformerError(f"{path} has no training state to resume from (expected {TRAINING_STATE_FILE} "
                              f"and {TRAINER_STATE_FILE}; a run stopped before its first checkpoint "
                              "leaves none): start it again with --force")
@@ -184,4 +205,4 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:
         raise FANformerError(f"{state_file} is corrupted ({err})") from None
-    return load_safetensors(tensors_file), state
+    return (None if sharded else load_safetensors(tensors_file)), state

@@ -1,27 +1,32 @@
 """Corpus discovery, document-level train/val/test split, and the token cache.
 
-A corpus is a list of files. `.txt`, `.md` and `.py` files are one document each; a
-`.jsonl` file holds one document per line in its `text` field. With no files given,
-the corpus is this Python installation's own standard library source.
+A corpus is a list of files, or folders of them (shards). `.txt`, `.md` and `.py` files
+are one document each; `.jsonl` files, and their compressed forms `.jsonl.gz` and
+`.jsonl.zst`, hold one document per line in a `text` field; `.parquet` files one per row
+of their `text` column (the layouts pretraining corpora ship in). Everything but the
+single-document text files is read as a stream, so a file may be larger than memory.
+With no files given, the corpus is this Python installation's own standard library source.
 
 Each document goes to train, val or test by a hash of its content, so the split does
 not depend on file order and duplicates never straddle splits. Tokens are cached as
 flat binary arrays, one per split, with EOS after every document (the nanoGPT
 `train.bin` / `val.bin` layout), under a key that hashes the tokenizer, the split
-fractions and every file's bytes.
+fractions and every file's bytes (hashed as a stream too).
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import sysconfig
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +39,6 @@ from fanformer.tokenizer import special_token_ids
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 # Bump when the cache layout or document rules change, so old caches are not reused.
@@ -43,6 +47,8 @@ CACHE_VERSION = 1
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _GLOB_CHARS = set("*?[")
 _BATCH_CHARS = 1 << 20  # encode_batch parallelises across docs; ~1 MB batches keep cores busy
+_READ_BYTES = 1 << 20  # streamed reads (hashing, decompression)
+_PARQUET_ROWS = 1024  # rows per record batch read from a Parquet file
 
 
 # ---------------------------------------------------------------------------
@@ -78,7 +84,7 @@ def _files_in_folder(folder: Path) -> list[Path]:
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
         found.extend(
-            Path(root) / n for n in names if Path(n).suffix in SUPPORTED_SUFFIXES and not n.startswith(".")
+            Path(root) / n for n in names if corpus_suffix(n) and not n.startswith(".")
         )
     return found
 
@@ -93,7 +99,7 @@ def _resolve_spec(spec: str) -> list[Path]:
             )
         found = []
         for m in matches:
-            found.extend(_files_in_folder(m) if m.is_dir() else [m] if m.suffix in SUPPORTED_SUFFIXES else [])
+            found.extend(_files_in_folder(m) if m.is_dir() else [m] if corpus_suffix(m.name) else [])
         if not found:
             raise FANformerError(f"glob {spec!r} matches no {supported} files; point it at text files")
         return found
@@ -104,7 +110,7 @@ def _resolve_spec(spec: str) -> list[Path]:
             raise FANformerError(f"folder {path} has no {supported} files; add some or pass another folder")
         return found
     if path.is_file():
-        if path.suffix not in SUPPORTED_SUFFIXES:
+        if not corpus_suffix(path.name):
             raise FANformerError(f"{path} has unsupported suffix {path.suffix!r}; use one of {supported}")
         return [path]
     raise FANformerError(f"{path} does not exist; pass an existing file, folder or glob")
@@ -130,16 +136,26 @@ def resolve_files(specs: Sequence[str] | None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------
-# Documents and split
+# Documents: one reader per format, each yielding (document, bytes of the file read so far)
 
 
-def _jsonl_documents(path: Path, text: str) -> Iterator[str]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def _whole_file(path: Path) -> Iterator[tuple[str, int]]:
+    """The file is one document; raises UnicodeDecodeError if it is not UTF-8."""
+    data = path.read_bytes()
+    # Bytes -> str without newline translation, so documents are exactly the file contents.
+    yield data.decode("utf-8"), len(data)
+
+
+def _json_lines(path: Path, lines: io.BufferedIOBase, position: Callable[[], int]) -> Iterator[tuple[str, int]]:
+    """The `text` field of each line of a byte stream of JSON objects."""
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise FANformerError(f"{where}: not UTF-8 ({e.reason}); JSON Lines must be UTF-8: fix or remove the line") from e
         except json.JSONDecodeError as e:
             raise FANformerError(
                 f"{where}: not valid JSON ({e.msg}); each line must be an object like {{\"text\": \"...\"}}"
@@ -148,30 +164,113 @@ def _jsonl_documents(path: Path, text: str) -> Iterator[str]:
             raise FANformerError(
                 f"{where}: expected an object with a string 'text' field; fix or remove the line"
             )
-        yield record["text"]
+        yield record["text"], position()
 
 
-def _file_documents(path: Path) -> Iterator[str]:
-    """Documents in one file; raises UnicodeDecodeError if it is not UTF-8."""
-    # Bytes -> str without newline translation, so documents are exactly the file contents.
-    text = path.read_bytes().decode("utf-8")
-    docs = _jsonl_documents(path, text) if path.suffix == ".jsonl" else iter([text])
-    return (d for d in docs if d.strip())
+def _jsonl(path: Path) -> Iterator[tuple[str, int]]:
+    with open(path, "rb") as raw:
+        yield from _json_lines(path, raw, raw.tell)
+
+
+def _jsonl_gz(path: Path) -> Iterator[tuple[str, int]]:
+    with open(path, "rb") as raw:
+        try:
+            yield from _json_lines(path, gzip.GzipFile(fileobj=raw), raw.tell)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise FANformerError(f"{path} is not a complete gzip file ({e}); re-download or remove it") from e
+
+
+def _jsonl_zst(path: Path) -> Iterator[tuple[str, int]]:
+    zstandard = _optional("zstandard", "0.22", path)
+    with open(path, "rb") as raw:
+        # read_across_frames: files written by `zstd` in parallel hold several frames.
+        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=_READ_BYTES, read_across_frames=True)
+        try:
+            yield from _json_lines(path, io.BufferedReader(stream, _READ_BYTES), raw.tell)
+        except zstandard.ZstdError as e:
+            raise FANformerError(f"{path} is not a complete zstd file ({e}); re-download or remove it") from e
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, int]]:
+    """Each row's `text` (null rows skipped), read a record batch at a time."""
+    pa = _optional("pyarrow", "15", path)
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise FANformerError(f"{path} is not a readable Parquet file ({e}); re-download or remove it") from e
+    schema = table.schema_arrow
+    if "text" not in schema.names:
+        raise FANformerError(f"{path} has no 'text' column (it has {', '.join(schema.names)}); "
+                             "rename the column that holds the documents to 'text'")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise FANformerError(f"{path}: column 'text' is {kind}, not strings; store the documents as strings")
+    size, rows, done = path.stat().st_size, max(1, table.metadata.num_rows), 0
+    for batch in table.iter_batches(batch_size=_PARQUET_ROWS, columns=["text"]):
+        done += batch.num_rows
+        position = size * done // rows  # Parquet is read by row group, not front to back: count rows
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text, position
+
+
+def _optional(module: str, version: str, path: Path):
+    """Import a reader's optional dependency, or say how to install it."""
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise FANformerError(f"reading {path.name} needs {module} ({e}): pip install '{module}>={version}' "
+                             "(or pip install 'fanformer[data]')") from None
+
+
+# Corpus formats: the end of a file's name -> its reader (a new format is one entry).
+READERS: dict[str, Callable[[Path], Iterator[tuple[str, int]]]] = {
+    ".txt": _whole_file, ".md": _whole_file, ".py": _whole_file,
+    ".jsonl": _jsonl, ".jsonl.gz": _jsonl_gz, ".jsonl.zst": _jsonl_zst, ".parquet": _parquet,
+}
+SUPPORTED_SUFFIXES = tuple(READERS)
+
+
+def corpus_suffix(name: str | Path) -> str | None:
+    """The corpus format a file name ends with (the longest match: `.jsonl.gz`, not `.gz`), or None."""
+    name = Path(name).name
+    matches = [suffix for suffix in READERS if name.endswith(suffix)]
+    return max(matches, key=len) if matches else None
+
+
+def _read_documents(path: Path) -> Iterator[tuple[str, int]]:
+    """Non-empty documents of one file with the bytes read so far; UnicodeDecodeError if a
+    single-document file is not UTF-8."""
+    path = Path(path)
+    return ((doc, pos) for doc, pos in READERS[corpus_suffix(path)](path) if doc.strip())
 
 
 def iter_documents(files: Sequence[Path]) -> Iterator[str]:
-    """Yield every non-empty document in `files`, in order.
+    """Yield every non-empty document in `files`, in order, streaming.
 
-    Files that are not UTF-8 are skipped and reported once through `logging`.
+    Single-document files that are not UTF-8 are skipped and reported once through
+    `logging`; a JSON line that is not UTF-8 is an error naming the line.
     """
+    for doc, _ in _documents_with_progress(files):
+        yield doc
+
+
+def _documents_with_progress(files: Sequence[Path], progress: tqdm | None = None) -> Iterator[tuple[str, int]]:
     skipped = []
     for path in files:
+        done = 0
         try:
-            docs = list(_file_documents(Path(path)))
+            for doc, position in _read_documents(Path(path)):
+                if progress is not None:
+                    progress.update(max(0, position - done))
+                done = max(done, position)
+                yield doc, position
         except UnicodeDecodeError:
             skipped.append(str(path))
-            continue
-        yield from docs
+        if progress is not None:
+            progress.update(max(0, Path(path).stat().st_size - done))
     if skipped:
         logger.warning("skipped %d file(s) that are not UTF-8: %s", len(skipped), ", ".join(skipped))
 
@@ -227,12 +326,21 @@ def _token_dtype(tokenizer: Tokenizer) -> np.dtype:
 
 
 def corpus_digest(files: Sequence[Path]) -> bytes:
-    """sha256 of the corpus content (not mtimes): every file's bytes and suffix, in order."""
+    """sha256 of the corpus content (not mtimes): every file's bytes and format, in order."""
     h = hashlib.sha256()
     for path in files:
         path = Path(path)
-        # The suffix decides how a file splits into documents; order decides token order.
-        h.update(path.suffix.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        # The format decides how a file splits into documents; order decides token order.
+        h.update((corpus_suffix(path) or path.suffix).encode() + b"\0" + _file_sha256(path))
+    return h.digest()
+
+
+def _file_sha256(path: Path) -> bytes:
+    """sha256 of a file's bytes, read in chunks (a shard may be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            h.update(chunk)
     return h.digest()
 
 
@@ -272,16 +380,15 @@ def _load_cache(directory: Path) -> TokenSplits:
 
 
 def _batches(files: Sequence[Path], progress: tqdm) -> Iterator[list[str]]:
-    """Documents grouped into ~_BATCH_CHARS batches; advances `progress` by file bytes."""
+    """Documents grouped into ~_BATCH_CHARS batches; advances `progress` by the bytes of the
+    files (compressed bytes, for compressed ones) read so far."""
     batch, chars = [], 0
-    for path in files:
-        for doc in iter_documents([path]):
-            batch.append(doc)
-            chars += len(doc)
-            if chars >= _BATCH_CHARS:
-                yield batch
-                batch, chars = [], 0
-        progress.update(Path(path).stat().st_size)
+    for doc, _ in _documents_with_progress(files, progress):
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
     if batch:
         yield batch
 

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fanformer.config import FANformerConfig
 from fanformer.fftnet import CausalSpectralFilter
@@ -61,6 +62,34 @@ def attention_bias(attention_mask: torch.Tensor | None, past_len: int, q_len: in
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, -total:].bool()
     return mask | (k_pos == q_pos)[None, None]
+
+
+def head_loss_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of head(h) (N, C) against targets (N,), in fp32, and
+    the summed per-position auxiliary loss (the Fourier head's smoothness penalty, else 0)."""
+    if isinstance(head, FourierHead):
+        log_probs, penalty = head(h, return_penalty=True)  # penalty: the mean over the N positions
+        return F.cross_entropy(log_probs.float(), targets, reduction="sum"), penalty * len(targets)
+    return F.cross_entropy(head(h).float(), targets, reduction="sum"), torch.zeros((), device=h.device)
+
+
+def chunked_head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and auxiliary loss of head(h) for h (B, T, C), `chunk` positions at a time.
+
+    Each chunk's (chunk, vocab) logits are recomputed in backward (torch.utils.checkpoint)
+    instead of kept, so at most one chunk of logits and its gradient exist at once: with
+    paper-1b's 50k vocabulary, 2048 positions of fp32 logits are 412 MB, and the plain path
+    keeps them, their softmax and their gradient. The result is the plain path's up to the
+    order of the float additions.
+    """
+    h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
+    ce, aux = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        ce_part, aux_part = checkpoint(head_loss_sum, head, h[start:start + chunk], targets[start:start + chunk],
+                                       use_reentrant=False)
+        ce, aux = ce + ce_part, aux + aux_part
+    return ce / len(targets), aux / len(targets)
 
 
 # --- KV cache -----------------------------------------------------------------
@@ -302,6 +331,9 @@ class FANformer(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Training-memory switches (set by fanformer/training.py; neither changes the result):
+        self.checkpoint_blocks = False  # recompute each block's activations in backward
+        self.loss_chunk = 0  # with targets: positions per cross-entropy chunk; 0 = all at once
         self.reset_parameters()
 
     @torch.no_grad()
@@ -327,7 +359,8 @@ class FANformer(nn.Module):
             _init_linear(self.lm_head, 1 / math.sqrt(d))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None, return_aux: bool = False):
+                position_ids: torch.Tensor | None = None, cache=None, return_aux: bool = False,
+                targets: torch.Tensor | None = None):
         """Logits (B, T, vocab) for input_ids (B, T).
 
         attention_mask (B, S) marks real tokens (1) against padding (0) over the cached
@@ -335,6 +368,10 @@ class FANformer(nn.Module):
         each one. With no cache, no mask and no padding this is the plain causal
         reference path. With return_aux, (logits, aux) where aux is the auxiliary
         training loss: the Fourier head's weighted smoothness penalty, else 0.
+        With targets (B, T), (loss, aux) instead: the mean next-token cross-entropy in fp32,
+        computed `self.loss_chunk` positions at a time when that is set (the logits are then
+        never whole), and aux as above. The loss is computed here rather than by the caller
+        so that DDP's and FSDP's hooks see the LM head's use.
         """
         if self.config.mixer == "fftnet":
             cos = sin = None  # no positions: the filters' lags are them
@@ -343,13 +380,25 @@ class FANformer(nn.Module):
             cos, sin, mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         x = self.embed(input_ids)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache)
-        h = self.norm(x)
-        if return_aux and isinstance(self.lm_head, FourierHead):
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # Keep only the block's input; rerun the block in backward. The RNG state is
+                # stashed and restored, so dropout draws the same masks both times.
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        h = self.norm(x)  # (B, T, C)
+        fourier = isinstance(self.lm_head, FourierHead)
+        if targets is not None and self.loss_chunk:
+            loss, penalty = chunked_head_loss(self.lm_head, h, targets, self.loss_chunk)
+            return loss, self.config.fourier_reg * penalty if fourier else penalty
+        if fourier and (return_aux or targets is not None):
             logits, penalty = self.lm_head(h, return_penalty=True)
-            return logits, self.config.fourier_reg * penalty
-        logits = self.lm_head(h)  # (B, T, vocab)
-        return (logits, torch.zeros((), device=h.device)) if return_aux else logits
+            aux = self.config.fourier_reg * penalty
+        else:
+            logits, aux = self.lm_head(h), torch.zeros((), device=h.device)  # (B, T, vocab)
+        if targets is not None:
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), aux
+        return (logits, aux) if return_aux else logits
 
     def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
         """RoPE tables (B, 1, T, hs) and the attention mask (B, 1, T, S) or None."""

@@ -13,11 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_directory_atomically(out: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)`, then swap tmp_dir in as `out` (the old one is removed last)."""
+def new_temp_dir(out: str | Path) -> Path:
+    """An empty folder beside `out` to build its replacement in."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def write_directory_atomically(out: str | Path, write: Callable[[Path], None], tmp: Path | None = None) -> Path:
+    """Call `write(tmp_dir)`, then swap tmp_dir in as `out` (the old one is removed last).
+    `tmp`: a folder from `new_temp_dir(out)` that other processes have already written into
+    (an FSDP run's shards)."""
+    out = Path(out)
+    tmp = tmp or new_temp_dir(out)
     try:
         write(tmp)
         _make_readable(tmp)
@@ -59,4 +67,4 @@ def _make_readable(directory: Path) -> None:
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
     for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fanformer.checkpoint import check_output_dir, load_model, load_training_state
+from fanformer.checkpoint import check_output_dir, is_sharded, load_model, load_training_state
 from fanformer.config import FANformerConfig
 from fanformer.data import (build_token_cache, corpus_digest, default_cache_dir, iter_documents, resolve_files,
                             split_of)
@@ -46,13 +46,16 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
     out = Path(out)
     model_overrides, train_overrides = model_overrides or {}, dict(train_overrides or {})
     dist_info = init_distributed()
-    resume_state = None
+    resume_state, model = None, None
     if resume:
         if model_overrides:
             raise FANformerError("the model config of a resumed run is fixed by its checkpoint; "
                                  f"drop {', '.join('--' + k.replace('_', '-') for k in model_overrides)}")
-        model = load_model(out)  # fail on a damaged checkpoint before any data work
-        config = model.config
+        if is_sharded(out):  # an FSDP run's: the weights come from its shards once the model is sharded
+            model, config = None, FANformerConfig.from_file(out)
+        else:
+            model = load_model(out)  # fail on a damaged checkpoint before any data work
+            config = model.config
         resume_state = load_training_state(out)
         saved = resume_state[1]["train_config"]
         # stop_at ends one invocation; a resumed run goes on to max_steps unless told again.
@@ -83,8 +86,8 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
     if dist_info.main:
         log.info("data: %d files, %s train / %s val tokens", len(files), f"{len(splits.train):,}", f"{len(splits.val):,}")
 
-    if not resume:
-        torch.manual_seed(train_config.seed)
+    if model is None:
+        torch.manual_seed(train_config.seed)  # every rank builds the same initial weights
         model = FANformer(config)
     if dist_info.main:
         log.info("model: %s parameters", f"{count_parameters(model):,}")
@@ -92,4 +95,6 @@ def train_run(out: str | Path, preset: str = "tiny", data: list[str] | None = No
                  progress=progress)
     if dist_info.main:
         log.info("saved %s: %s", out, json.dumps(last))
+    if dist_info.world > 1:
+        dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
     return last

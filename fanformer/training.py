@@ -1,5 +1,9 @@
 """Training: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast on CUDA, DDP.
 
+Memory options, none of which changes the loss or gradients (tested against the plain
+path): per-block activation checkpointing and a chunked LM-head cross-entropy (both in
+fanformer/model.py), and bitsandbytes' 8-bit AdamW, whose state resumes exactly.
+
 Batches are a pure function of (seed, step, rank, micro-step): random windows of the
 training tokens drawn from a generator seeded by the step. The data position is
 therefore just the step, resuming is exact, and a torchrun job of N processes sees
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from fanformer.checkpoint import save_checkpoint
@@ -33,6 +38,7 @@ from fanformer.model import FANformer
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -54,6 +60,14 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     compile: bool = knob(False, "torch.compile the model")
+    activation_checkpointing: bool = knob(False, "keep only each block's input and recompute the block in "
+                                          "backward: activations of one block instead of all (~1/3 more compute)")
+    loss_chunk: int = knob(0, "compute the LM head and cross-entropy this many positions at a time, recomputed "
+                           "in backward, so the (batch, seq, vocab) logits never exist whole; 0 = all at once")
+    optimizer: str = knob("adamw", "adamw, or adamw8bit: bitsandbytes' block-wise 8-bit AdamW "
+                          "(arXiv 2110.02861), 2 bytes of optimizer state per parameter instead of 8")
+    fsdp: bool = knob(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
+                      "(FSDP2, bf16 compute on CUDA) and checkpoint in shards (torch.distributed.checkpoint)")
     stop_at: int = knob(0, "stop (and checkpoint) after this step, to resume later; 0 = run to max_steps")
     extra: dict = field(default_factory=dict)  # run metadata kept in trainer_state.json
 
@@ -61,11 +75,16 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise FANformerError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "stop_at"):
+        for name in ("seq_len", "warmup_steps", "eval_every", "save_every", "stop_at", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise FANformerError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0 or self.weight_decay < 0:
             raise FANformerError("lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise FANformerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.fsdp and self.optimizer != "adamw":
+            raise FANformerError(f"--fsdp shards torch's AdamW state already; bitsandbytes' {self.optimizer} "
+                                 "cannot hold sharded tensors: use --optimizer adamw with --fsdp")
 
 
 # --- Pure pieces --------------------------------------------------------------
@@ -107,6 +126,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def use_memory_options(model: FANformer, config: TrainConfig) -> None:
+    """Switch the model's block checkpointing and chunked loss as the config says."""
+    model.checkpoint_blocks, model.loss_chunk = config.activation_checkpointing, config.loss_chunk
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: torch's (fused on CUDA), or bitsandbytes' 8-bit AdamW.
+
+    The 8-bit one (Dettmers et al. 2022, arXiv 2110.02861) keeps both moments block-wise
+    quantized to uint8 with a float absmax per 256 values, so its state is plain tensors that
+    the safetensors training state saves and restores exactly; tensors under 4096 values
+    (norms, biases) keep 32-bit state, as bitsandbytes does by default.
+    """
+    groups = param_groups(model, config.weight_decay)
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "adamw8bit":
+        return import_bitsandbytes().optim.AdamW8bit(groups, lr=config.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=device.type == "cuda")
+
+
+def import_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise FANformerError(f"--optimizer adamw8bit needs bitsandbytes ({err}); "
+                             "pip install 'bitsandbytes>=0.46', or use --optimizer adamw") from None
+    return bitsandbytes
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -181,18 +229,28 @@ def pack_training_state(optimizer: torch.optim.Optimizer, step: int, config: Tra
             tensors[f"rng.cuda.{i}"] = state
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
+    stored: set[int] = set()
     for idx, state in opt["state"].items():
-        for name, value in state.items():
+        for name, value in _flat_items(state):
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+                value = value.detach().cpu().contiguous()
+                if value.data_ptr() in stored:  # bitsandbytes shares one qmap; safetensors wants each tensor once
+                    value = value.clone()
+                stored.add(value.data_ptr())
+                tensors[f"optim.{idx}.{name}"] = value
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
-    state = {"step": step, "tokens_seen": tokens_seen, "data_position": {"seed": config.seed, "step": step},
-             "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps, "max_steps": config.max_steps,
-                          "min_lr_ratio": config.min_lr_ratio},
-             "train_config": asdict(config), "optimizer": {"param_groups": groups, "scalars": scalars}}
+    state = {**trainer_state(step, config, tokens_seen), "optimizer": {"param_groups": groups, "scalars": scalars}}
     return tensors, state
+
+
+def trainer_state(step: int, config: TrainConfig, tokens_seen: int) -> dict:
+    """trainer_state.json's position, schedule and config (a sharded checkpoint's whole file)."""
+    return {"step": step, "tokens_seen": tokens_seen, "data_position": {"seed": config.seed, "step": step},
+            "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps, "max_steps": config.max_steps,
+                         "min_lr_ratio": config.min_lr_ratio},
+            "train_config": asdict(config)}
 
 
 def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
@@ -202,9 +260,10 @@ def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
+            _set_flat(opt_state.setdefault(int(idx), {}), name, value.to(device) if name != "step" else value)
     for idx, values in state["optimizer"]["scalars"].items():
-        opt_state.setdefault(int(idx), {}).update(values)
+        for name, value in values.items():
+            _set_flat(opt_state.setdefault(int(idx), {}), name, value)
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available():
@@ -212,6 +271,40 @@ def unpack_training_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
     return int(state["step"])
+
+
+def _flat_items(state: dict, prefix: str = ""):
+    """(dotted name, value) for every leaf of a nested optimizer state: bitsandbytes keeps
+    its 8-bit buffers in a sub-dict of each parameter's state."""
+    for name, value in state.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _set_flat(state: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        state = state.setdefault(name, {})
+    state[leaf] = value
+
+
+def check_resumable(state: dict, config: TrainConfig, out: Path) -> None:
+    """Refuse a resume whose saved state the current options cannot continue."""
+    saved = state["train_config"]
+    optimizer = saved.get("optimizer", "adamw")
+    if optimizer != config.optimizer:
+        raise FANformerError(f"{out} holds {optimizer} optimizer state, which --optimizer {config.optimizer} "
+                             f"cannot continue; resume with --optimizer {optimizer}")
+    sharded = bool(saved.get("fsdp", False))
+    if sharded != config.fsdp:
+        how = "under torchrun with --fsdp" if sharded else "without --fsdp"
+        raise FANformerError(f"{out} was trained {'with' if sharded else 'without'} --fsdp and its state is "
+                             f"saved {'in shards' if sharded else 'whole'}; resume it {how}")
+    if state["step"] >= config.max_steps:
+        raise FANformerError(f"{out} has already trained {state['step']} of --max-steps {config.max_steps}; "
+                             "pass a larger --max-steps to train further")
 
 
 # --- The loop -----------------------------------------------------------------
@@ -233,14 +326,18 @@ def optimizer_step(net: torch.nn.Module, model: FANformer, optimizer: torch.opti
         if device.type == "cuda":  # page-locked, so the copies below overlap the previous step's kernels
             x, y = x.pin_memory(), y.pin_memory()
         last_micro = micro == config.grad_accum - 1
-        with (contextlib.nullcontext() if last_micro or dist_info.world == 1 else net.no_sync()), autocast(device):
+        # DDP all-reduces only the last micro-batch's gradients; FSDP reduce-scatters each one, so
+        # that no rank ever holds a whole gradient.
+        skip_sync = not last_micro and dist_info.world > 1 and hasattr(net, "no_sync")
+        with (net.no_sync() if skip_sync else contextlib.nullcontext()), autocast(device):
             # aux: the Fourier head's smoothness penalty (0 for the linear head); the logged loss is the LM loss.
-            logits, aux = net(x.to(device, non_blocking=True), return_aux=True)
-            loss = lm_loss(logits, y.to(device, non_blocking=True))
+            loss, aux = net(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True))
         ((loss + aux) / config.grad_accum).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 \
         else torch.zeros((), device=device)
+    if isinstance(grad_norm, DTensor):  # FSDP: a norm over the shards of every rank
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean_loss = loss_sum / config.grad_accum
@@ -298,17 +395,27 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
         raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     check_enough_tokens(len(train_tokens), seq_len)  # before anything is written to `out`
 
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    if resume is not None:
+        check_resumable(resume[1], config, out)
+    if config.fsdp and dist_info.world == 1:
+        raise FANformerError("--fsdp shards the model over the processes of a torchrun launch: start it with "
+                             "torchrun --nproc_per_node N (N >= 2) -m fanformer.cli train ..., or drop --fsdp")
+    use_memory_options(model, config)
+    if config.fsdp:
+        from fanformer import fsdp  # torch.distributed.fsdp and .checkpoint: only for FSDP runs
+
+        fsdp.shard_model(model, device)  # before the optimizer, which must hold the shards
+    optimizer = build_optimizer(model, config, device)
     step, tokens_seen = 0, 0
     if resume is not None:
-        step = unpack_training_state(optimizer, *resume, device=device)
+        if config.fsdp:
+            fsdp.load_sharded(out, model, optimizer)
+            step = int(resume[1]["step"])
+        else:
+            step = unpack_training_state(optimizer, *resume, device=device)
         tokens_seen = int(resume[1].get("tokens_seen", 0))
-        if step >= config.max_steps:
-            raise FANformerError(f"{out} has already trained {step} of --max-steps {config.max_steps}; "
-                                 "pass a larger --max-steps to train further")
     net: torch.nn.Module = model
-    if dist_info.world > 1:
+    if dist_info.world > 1 and not config.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
@@ -321,7 +428,10 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
                dynamic_ncols=True)
 
     def checkpoint() -> None:
-        if dist_info.main:
+        if config.fsdp:  # every rank writes its shards; the run's last checkpoint also gets model.safetensors
+            fsdp.save_sharded(out, model, optimizer, tokenizer, trainer_state(step, config, tokens_seen),
+                              {METRICS_FILE: jsonl(metrics)}, consolidate=step == stop)
+        elif dist_info.main:
             save_checkpoint(out, model, tokenizer, extra_files={METRICS_FILE: jsonl(metrics)},
                             training_state=pack_training_state(optimizer, step, config, tokens_seen))
 

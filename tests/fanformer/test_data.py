@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -242,3 +243,146 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("FANFORMER_CACHE")
     assert default_cache_dir().parts[-2:] == (".cache", "fanformer")
+
+
+# --- Pretraining corpus formats: Parquet, .jsonl.gz, .jsonl.zst, folders of shards ----------
+
+
+def write_shards(root, docs, shards=3):
+    """The same documents as Parquet, .jsonl.gz and .jsonl.zst shards (each format its own
+    folder, `shards` files each, several Parquet row groups and zstd frames per file)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    parts = [docs[i::shards] for i in range(shards)]
+    for fmt in ("parquet", "gz", "zst"):
+        (root / fmt).mkdir(parents=True)
+    for i, part in enumerate(parts):
+        lines = "".join(json.dumps({"text": d, "id": k}) + "\n" for k, d in enumerate(part)).encode()
+        pq.write_table(pa.table({"id": list(range(len(part))), "text": part}), root / "parquet" / f"train-{i:05d}.parquet",
+                       row_group_size=7)
+        (root / "gz" / f"train-{i:05d}.jsonl.gz").write_bytes(gzip.compress(lines))
+        half = len(lines) // 2  # two frames, as parallel zstd writes
+        compressor = zstandard.ZstdCompressor()
+        (root / "zst" / f"train-{i:05d}.jsonl.zst").write_bytes(
+            compressor.compress(lines[:half]) + compressor.compress(lines[half:]))
+    return parts
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "gz", "zst"])
+def test_shard_folders_read_like_plain_jsonl(tmp_path, tok, fmt):
+    """A folder of shards gives the documents, and the cached tokens, that the same shards
+    as plain .jsonl give (an independent reader: json.loads per line)."""
+    parts = write_shards(tmp_path / "shards", DOCS)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, part in enumerate(parts):
+        (plain / f"train-{i:05d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    files = resolve_files([str(tmp_path / "shards" / fmt)])
+    assert [data.corpus_suffix(p) for p in files] == [{"gz": ".jsonl.gz", "zst": ".jsonl.zst"}.get(fmt, ".parquet")] * 3
+    assert list(iter_documents(files)) == [d for part in parts for d in part]
+    shards = build_token_cache(files, tok, tmp_path / "cache")
+    reference = build_token_cache(resolve_files([str(plain)]), tok, tmp_path / "cache")
+    assert shards.directory != reference.directory  # keyed by the files' own bytes
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(shards, split), getattr(reference, split))
+    again = build_token_cache(files, CountingTokenizer(tok, fail=True), tmp_path / "cache")
+    assert again.directory == shards.directory  # cached by content hash
+
+
+def test_mixed_folder_of_all_formats(tmp_path):
+    write_shards(tmp_path, DOCS)
+    (tmp_path / "notes.txt").write_text("a plain document")
+    (tmp_path / "README.json").write_text("{}")  # not a corpus format: ignored
+    files = resolve_files([str(tmp_path)])
+    assert len(files) == 10
+    assert sorted(iter_documents(files)) == sorted(DOCS * 3 + ["a plain document"])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_json_lines_are_streamed_not_read_whole(tmp_path, suffix, monkeypatch):
+    """Python's peak allocation while reading and hashing stays at the read buffers (1 MB),
+    far below the file's size."""
+    import gzip
+    import tracemalloc
+
+    import zstandard
+
+    doc = "x" * 4000
+    lines = "".join(json.dumps({"text": f"{i} {doc}"}) + "\n" for i in range(4000)).encode()  # 16 MB
+    compress = {".jsonl": bytes, ".jsonl.gz": lambda b: gzip.compress(b, 1),
+                ".jsonl.zst": zstandard.ZstdCompressor().compress}[suffix]
+    path = tmp_path / f"big{suffix}"
+    path.write_bytes(compress(lines))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_documents([path]))
+        digest = data.corpus_digest([path])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 4000 and len(digest) == 32
+    assert peak < len(lines) / 4, f"peak {peak} bytes for a {len(lines)}-byte file"
+
+
+def test_tokenizing_reports_progress_in_file_bytes(tmp_path, tok, monkeypatch):
+    write_shards(tmp_path, DOCS)
+    files = resolve_files([str(tmp_path / "zst")]) + resolve_files([str(tmp_path / "parquet")])
+    seen = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+
+        def update(self, n):
+            assert n >= 0
+            self.n += n
+            seen.append(self.n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            assert self.n == self.total  # every byte of every file counted, once
+
+    monkeypatch.setattr(data, "tqdm", Bar)
+    build_token_cache(files, tok, tmp_path / "cache")
+    assert len(seen) >= len(files) and seen[-1] == sum(p.stat().st_size for p in files)
+
+
+def test_bad_shards_say_what_to_fix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a"]}), tmp_path / "no_text.parquet")
+    with pytest.raises(FANformerError, match="no 'text' column .*content"):
+        list(iter_documents([tmp_path / "no_text.parquet"]))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(FANformerError, match="column 'text' is int64"):
+        list(iter_documents([tmp_path / "ints.parquet"]))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip_bytes(b'{"text": "a"}\n' * 100)[:40])
+    with pytest.raises(FANformerError, match="cut.jsonl.gz is not a complete gzip file"):
+        list(iter_documents([tmp_path / "cut.jsonl.gz"]))
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"not zstd at all")
+    with pytest.raises(FANformerError, match="junk.jsonl.zst is not a complete zstd file"):
+        list(iter_documents([tmp_path / "junk.jsonl.zst"]))
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(FANformerError, match=r"latin\.jsonl:2: not UTF-8"):
+        list(iter_documents([tmp_path / "latin.jsonl"]))
+
+
+def gzip_bytes(data_: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data_)
+
+
+@pytest.mark.parametrize("module, name", [("pyarrow", "a.parquet"), ("zstandard", "a.jsonl.zst")])
+def test_missing_optional_reader_says_what_to_install(tmp_path, monkeypatch, module, name):
+    (tmp_path / name).write_bytes(b"\0")
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(FANformerError, match=rf"reading {name} needs {module}.*pip install '{module}>="):
+        list(iter_documents([tmp_path / name]))

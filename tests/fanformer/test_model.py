@@ -230,3 +230,76 @@ def test_logits_shape_and_loss_at_init():
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
     # Head std 1/sqrt(d) on a unit-RMS input gives logits ~ N(0, 1): E[loss] ~ ln V + 1/2.
     assert abs(loss.item() - (math.log(512) + 0.5)) < 0.25
+
+
+# --- Training-memory options: the same loss and gradients as the plain path -----------
+
+def loss_and_grads(model: FANformer, x, y, checkpoint_blocks: bool, loss_chunk: int):
+    model.checkpoint_blocks, model.loss_chunk = checkpoint_blocks, loss_chunk
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks for every path
+    loss, aux = model(x, targets=y)
+    (loss + aux).backward()
+    return loss.detach(), aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(tie_embeddings=True),
+    dict(norm="hybrid", cola_rank=0.25, cola_lm_head=True, gated_residual=True, dropout=0.1),
+    dict(head="fourier", vocab_size=64),
+], ids=["tied", "seed-like-dropout", "fourier-head"])
+@pytest.mark.parametrize("checkpoint_blocks, loss_chunk", [(True, 0), (False, 7), (True, 32)])
+def test_block_checkpointing_and_chunked_loss_match_the_plain_path(overrides, checkpoint_blocks, loss_chunk):
+    """The reference is the plain forward's logits through F.cross_entropy, as before the
+    options existed; 7 does not divide the 2 x 24 positions, so the last chunk is short."""
+    model = build(tiny(**overrides)).train()
+    x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    logits, aux_ref = model(x, return_aux=True)
+    loss_ref = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    (loss_ref + aux_ref).backward()
+    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, aux, grads = loss_and_grads(model, x, y, checkpoint_blocks, loss_chunk)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, aux_ref.detach(), rtol=1e-5, atol=1e-7)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert all(g.abs().sum() > 0 for n, g in grads_ref.items() if "gate" not in n)  # every weight is exercised
+
+
+def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
+    """The saved tensors of the chunked loss's graph hold no (positions, vocab) tensor."""
+    model = build(tiny(vocab_size=4000)).train()
+    model.loss_chunk = 8
+    x = torch.randint(0, 4000, (2, 64))
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = model(x, targets=x)
+    assert max(sizes) <= max(8 * 4000, 2 * 64 * 192)  # a chunk of logits, or the FFN activations
+    model.loss_chunk = 0
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, targets=x)
+    assert max(sizes) >= 2 * 64 * 4000  # the plain path saves the whole (B, T, vocab) logits
+
+
+@pytest.mark.parametrize("checkpoint_blocks, loss_chunk", [(False, 0), (True, 16)])
+def test_training_forward_is_one_graph_for_torch_compile(checkpoint_blocks, loss_chunk):
+    """No graph breaks: torch.compile sees the whole step, so inductor can fuse the FAN layer's
+    cos/sin/concat and SwiGLU's silu(gate) * up into the matmuls' neighbours."""
+    model = build(tiny()).train()
+    model.checkpoint_blocks, model.loss_chunk = checkpoint_blocks, loss_chunk
+    x = torch.randint(0, model.config.vocab_size, (2, 32))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, targets=x)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

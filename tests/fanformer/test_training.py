@@ -200,3 +200,87 @@ def test_ddp_matches_single_process(corpus, cache_dir, tmp_path):
     init = FANformer(FANformerConfig.from_name("tiny", **MODEL)).state_dict()
     assert torch.equal(init["embed.weight"], load_file(str(single / WEIGHTS_FILE))["embed.weight"]) is False
     assert (ws["embed.weight"] - init["embed.weight"]).abs().max() > 1e-3
+
+
+# --- Memory options: block checkpointing, chunked loss, 8-bit AdamW -----------------
+
+SHORT = dict(max_steps=4, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=0, eval_batches=2, log_every=1)
+
+
+def test_memory_options_train_like_the_plain_path(corpus, cache_dir, tmp_path):
+    """`--activation-checkpointing --loss-chunk` through the whole loop: the same losses and
+    weights as the plain run (the gradients are equal to float rounding: test_model.py)."""
+    plain, lean = tmp_path / "plain", tmp_path / "lean"
+    run(plain, corpus, cache_dir, **SHORT)
+    run(lean, corpus, cache_dir, **SHORT, activation_checkpointing=True, loss_chunk=24)
+    mp, ml = read_metrics(plain), read_metrics(lean)
+    assert [r["step"] for r in ml] == [1, 2, 3, 4]
+    for rp, rl in zip(mp, ml):
+        assert rl["loss"] == pytest.approx(rp["loss"], rel=1e-5, abs=1e-5)
+    wp, wl = load_file(str(plain / WEIGHTS_FILE)), load_file(str(lean / WEIGHTS_FILE))
+    for key in wp:
+        torch.testing.assert_close(wl[key], wp[key], atol=1e-4, rtol=0, msg=key)
+
+
+def test_adamw8bit_keeps_8bit_state_and_resumes_exactly(corpus, cache_dir, tmp_path):
+    a, b, ref = tmp_path / "a", tmp_path / "b", tmp_path / "adamw"
+    cfg = dict(SHORT, max_steps=6, optimizer="adamw8bit")
+
+    def go(out, resume=False, **extra):
+        return train_run(out, data=[str(corpus)], resume=resume, model_overrides={} if resume else MODEL,
+                         train_overrides={} if resume else dict(cfg, **extra), cache_dir=cache_dir,
+                         progress=False)
+
+    go(a)
+    go(b, stop_at=3)
+    state = load_file(str(b / "training_state.safetensors"))
+    moments = [v for k, v in state.items() if k.endswith(("state1", "state2"))]
+    # The moments really are 8-bit, but for tensors under 4096 values (norms, biases): 32-bit there.
+    in_8bit = sum(v.numel() for v in moments if v.dtype == torch.uint8)
+    assert in_8bit > 0.9 * sum(v.numel() for v in moments)
+    torch.manual_seed(1234)
+    go(b, resume=True)
+    wa, wb = load_file(str(a / WEIGHTS_FILE)), load_file(str(b / WEIGHTS_FILE))
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    # Against torch's AdamW from the same start: the first step's loss is the same forward pass;
+    # after it, 8-bit moments move the weights slightly differently, not a different way.
+    run(ref, corpus, cache_dir, **dict(cfg, optimizer="adamw"))
+    m8, m32 = read_metrics(a), read_metrics(ref)
+    assert m8[0]["loss"] == m32[0]["loss"]
+    assert [r["loss"] for r in m8] == pytest.approx([r["loss"] for r in m32], abs=0.05)
+    w32 = load_file(str(ref / WEIGHTS_FILE))
+    torch.manual_seed(0)  # train_run seeds with --seed before building the model
+    init = FANformer(FANformerConfig.from_name("tiny", **MODEL)).state_dict()
+    for key in ("embed.weight", "blocks.0.ffn.up_proj.weight"):  # both large enough for 8-bit state
+        assert (wa[key] - w32[key]).norm() < 0.1 * (w32[key] - init[key]).norm(), key
+
+
+def test_resume_with_another_optimizer_is_refused(corpus, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    run(out, corpus, cache_dir, **dict(SHORT, max_steps=1))
+    with pytest.raises(FANformerError, match="resume with --optimizer adamw"):
+        train_run(out, data=[str(corpus)], resume=True, train_overrides=dict(max_steps=2, optimizer="adamw8bit"),
+                  cache_dir=cache_dir, progress=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(optimizer="sgd"), "optimizer must be one of adamw, adamw8bit"),
+    (dict(loss_chunk=-1), "loss_chunk must be >= 0"),
+])
+def test_bad_train_configs(overrides, message):
+    with pytest.raises(FANformerError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_adamw8bit_without_bitsandbytes_says_what_to_install(monkeypatch):
+    from fanformer.training import build_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+    with pytest.raises(FANformerError, match="pip install 'bitsandbytes>=0.46'"):
+        build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+
+
+def test_cli_refuses_8bit_adamw_under_fsdp(cli_fails, tmp_path):
+    cli_fails(["train", "--out", tmp_path / "run", "--fsdp", "--optimizer", "adamw8bit"],
+              "use --optimizer adamw with --fsdp")
