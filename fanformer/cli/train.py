@@ -101,7 +101,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         from fanformer.training import TrainConfig
 
         parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
-        parser.add_argument("--data", nargs="+", help="files, folders or globs of .txt/.md/.py/.jsonl "
+        parser.add_argument("--data", nargs="+", help="files, folders (read recursively) or globs of .txt/.md/.py/.jsonl/.jsonl.gz/.jsonl.zst/.parquet "
                             "(default: the Python standard library's source on this machine)")
         parser.add_argument("--out", required=True, help="checkpoint directory to write")
         parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out where it stopped")
