@@ -174,8 +174,8 @@ class GenaiTimer:
 class LlamaCppTimer:
     """llama.cpp on a GGUF file, timed like a backend: `eval` of the prompt is the prefill,
     each `eval` of one token a decode step, followed by the argmax of its logits as in
-    `time_decode`. Batch 1, torch's thread count, llama.cpp's defaults otherwise (f16 KV
-    cache, weights repacked for the CPU where ggml does that)."""
+    `time_decode`. Batch 1, torch's thread count for decode and prompts, llama.cpp's defaults
+    otherwise (flash attention, f16 KV cache, weights repacked for the CPU where ggml does that)."""
 
     def __init__(self, path: str):
         try:
@@ -186,8 +186,10 @@ class LlamaCppTimer:
 
         self.llama_cpp = llama_cpp
         try:  # n_ctx 0: the file's context length; one batch takes the longest prompt whole
-            self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT,
-                                       n_threads=torch.get_num_threads(), verbose=False)
+            threads = torch.get_num_threads()  # for prompts too: n_threads_batch defaults to every CPU
+            # flash_attn: llama.cpp's own default ("auto", on for the CPU); llama-cpp-python turns it off.
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT, n_threads=threads,
+                                       n_threads_batch=threads, flash_attn=True, verbose=False)
         except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
             raise FANformerError(f"llama.cpp cannot load {path} ({err}); it runs `fanformer export "
                                  "--format gguf --arch llama` files, not the fanformer architecture") from None

@@ -27,6 +27,7 @@ runtime/gguf_backend.py; the graph is runtime/ggml_graph.py.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import weakref
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import quants
 
 import ggml as G
 
@@ -61,6 +63,16 @@ def _ggml_log(level: int, text: bytes, user_data) -> None:
 
 
 G.ggml_log_set(_ggml_log, None)  # the library's one log hook; _ggml_log lives as long as this module
+
+
+@functools.cache  # once a process
+def _warn_without_llamafile() -> None:
+    """llama.cpp builds ggml with its llamafile GEMMs (sgemm.cpp) for f16, q8_0 and q4_0
+    prompts; ggml-python builds without them unless told."""
+    if not G.ggml_cpu_has_llamafile():
+        log.warning("ggml-python was built without GGML_LLAMAFILE (llama.cpp builds with it): prompts of f16, q8_0 "
+                    "and q4_0 GGUF files run about 2x slower; rebuild it with CMAKE_ARGS=\"-DGGML_LLAMAFILE=ON\" "
+                    "pip install --force-reinstall --no-cache-dir --no-deps ggml-python==0.0.45")
 
 
 def physical_cores() -> int:
@@ -162,6 +174,7 @@ class GGMLEngine:
 
     def __init__(self, reader, tensors: dict, config: FANformerConfig, threads: int, interleaved_rope: bool = False,
                  kv_type: int | None = None, repack: bool = True):
+        _warn_without_llamafile()
         self.config, self.reader = config, reader
         self.backend = G.ggml_backend_cpu_init()
         G.ggml_backend_cpu_set_n_threads(self.backend, threads)
@@ -176,7 +189,7 @@ class GGMLEngine:
         # llama.cpp's llama files store Q and K rows for interleaved RoPE pairs; the
         # project's own files keep the model's rotate-half pairs (ggml's NEOX mode).
         rope_mode = G.GGML_ROPE_TYPE_NORMAL if interleaved_rope else G.GGML_ROPE_TYPE_NEOX
-        self.model = Model(config, weights, rope_mode)
+        self.model = Model(config, weights, rope_mode, self._gates(tensors))
         weakref.finalize(self, _free_all, self.stores, self._buffers, self._contexts, self.backend)
 
     # --- Weights ---------------------------------------------------------------------
@@ -216,6 +229,20 @@ class GGMLEngine:
             source = G.ggml_get_data(weights[name])  # the memory map
             G.ggml_backend_tensor_set(t, source, 0, G.ggml_nbytes(t))
         return repacked
+
+    def _gates(self, tensors: dict) -> dict:
+        """sigmoid(g) of every residual gate, once: two graph nodes a block fewer each step."""
+        names = [name for name in tensors if name.endswith("residual_gate.weight")]
+        if not names:
+            return {}
+        ctx = self._context(len(names))
+        gates = {name: G.ggml_new_tensor_1d(ctx, G.GGML_TYPE_F32, int(tensors[name].shape[0])) for name in names}
+        buffer = G.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+        self._buffers.append(buffer)
+        for name, t in gates.items():
+            g = quants.dequantize(tensors[name].data, tensors[name].tensor_type).astype(np.float64)
+            _set(t, (1 / (1 + np.exp(-g))).astype(np.float32))
+        return gates
 
     def _context(self, n_tensors: int):
         ctx = G.ggml_init(G.ggml_init_params(mem_size=(n_tensors + 1) * G.ggml_tensor_overhead(), mem_buffer=None,

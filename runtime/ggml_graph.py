@@ -60,11 +60,12 @@ class Graph:
 class Model:
     """What the graph is built from: the config, the file's tensors by GGUF name and the
     RoPE layout (GGML_ROPE_TYPE_NEOX for rotate-half rows, _NORMAL for llama.cpp's
-    interleaved ones)."""
+    interleaved ones), and the residual gates' sigmoids."""
 
     config: FANformerConfig
     weights: dict  # GGUF name -> ggml_tensor pointer
     rope_mode: int
+    gates: dict  # residual gate name -> sigmoid(g), computed once at load (f32)
 
 
 def build(model: Model, cache_k: list, cache_v: list, n_ctx: int, shape: Shape) -> Graph:
@@ -91,7 +92,7 @@ class _Net:
     ggml tensors. Holds what every layer needs: the context, the weights, the inputs."""
 
     def __init__(self, ctx, model: Model, positions, mask, shape: Shape, n_ctx: int):
-        self.ctx, self.c, self.w = ctx, model.config, model.weights
+        self.ctx, self.c, self.w, self.gates = ctx, model.config, model.weights, model.gates
         self.rope_mode, self.positions, self.mask = model.rope_mode, positions, mask
         self.shape, self.n_ctx = shape, n_ctx
 
@@ -124,7 +125,7 @@ class _Net:
         ctx, dp = self.ctx, self.c.d_periodic
         h = self.linear(x, f"blk.{i}.fan")  # (dp + dg, N)
         n, row = h.contents.ne[1], h.contents.nb[1]
-        p = G.ggml_cont(ctx, G.ggml_view_2d(ctx, h, dp, n, row, 0))  # (dp, N)
+        p = G.ggml_view_2d(ctx, h, dp, n, row, 0)  # (dp, N); cos and sin take strided rows
         g = G.ggml_view_2d(ctx, h, self.c.d_plain, n, row, dp * h.contents.nb[0])  # (dg, N)
         g = G.ggml_gelu_erf(ctx, G.ggml_cont(ctx, g)) if self.c.fan_activation == "gelu" else g
         periodic = G.ggml_concat(ctx, G.ggml_cos(ctx, p), G.ggml_sin(ctx, p), 0)  # (2 dp, N)
@@ -170,7 +171,7 @@ class _Net:
 
     def residual(self, y, gate: str):
         """sigmoid(g) * y with a gated residual, y otherwise."""
-        return G.ggml_mul(self.ctx, y, G.ggml_sigmoid(self.ctx, self.vector(gate))) if self.has(gate) else y
+        return G.ggml_mul(self.ctx, y, self.gates[gate]) if gate in self.gates else y
 
     def block(self, x, i: int, cache_k, cache_v, rows):
         """pre:    x = x + r(attn(norm(x)));  x = x + r(ffn(norm(x)))
