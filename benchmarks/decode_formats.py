@@ -1,25 +1,34 @@
 """Decode speed of every runtime on one model: PyTorch, onnxruntime fp32 / int8 / int4,
-onnxruntime-genai, the GGUF backend (f16, bf16, q8_0, q4_0) and llama.cpp, same prompt
-tokens, one table.
+onnxruntime-genai, the GGUF backend's two engines (f16, bf16, q8_0, q4_0) and llama.cpp,
+same prompt tokens, one table.
 
 For a preset the model is randomly initialised (speed does not depend on the weights)
 and saved with a small byte-level tokenizer; a PATH is a trained checkpoint. Each ONNX
 and GGUF variant is exported with `fanformer export`'s own code, then every variant is timed by
 benchmarks/decode.py in a process of its own, so the peak resident memory column is that
-variant's alone.
+variant's alone. `ggml-*` rows run the GGUF backend's ggml engine, `gguf-torch-*` rows its
+torch engine, on the same files.
 
 llama.cpp has no FANformer architecture, so it runs the `*-llama` variants: the same
 model as a plain Llama (p = 0, pre-norm, no CoLA, no gated residuals; for a PATH, the
 checkpoint itself if it is one), exported with `--arch llama`. PyTorch and the GGUF
-backend run that model too (`pytorch-llama`, `gguf-llama-*`), so llama.cpp is compared on
-the same file. Without llama-cpp-python (`pip install llama-cpp-python`) its rows are
-skipped with a message.
+backend run that model too (`pytorch-llama`, `ggml-llama-*`, `gguf-torch-llama-*`), so
+llama.cpp is compared on the same file. Without llama-cpp-python (`pip install
+llama-cpp-python`) its rows are skipped with a message, as the ggml rows are without
+ggml-python.
+
+On a shared machine: `--rounds N` times every variant N times, the variants alternating
+(so a change in load hits them alike), and the table gives medians; `--threads 1 2` times
+each at both thread counts; the 1-minute load average is printed as the run goes. With
+`--bandwidth` the machine's memory read bandwidth is measured and each GGUF row's decode
+is given as a fraction of its bound: read bandwidth / weight bytes a token.
 
     python benchmarks/decode_formats.py --preset small
     python benchmarks/decode_formats.py --preset seed-92m --decode-steps 16
     python benchmarks/decode_formats.py runs/quickstart --variants pytorch onnx genai
-    python benchmarks/decode_formats.py --preset small --variants pytorch gguf-f16 gguf-q8_0 gguf-q4_0
-    python benchmarks/decode_formats.py --preset small --variants pytorch-llama gguf-llama-q4_0 llama.cpp-q4_0
+    python benchmarks/decode_formats.py --preset small --variants pytorch ggml-f16 ggml-q8_0 ggml-q4_0
+    python benchmarks/decode_formats.py --preset seed-92m --variants ggml-llama-q4_0 llama.cpp-q4_0 ggml-q4_0 \\
+        --threads 1 2 --rounds 3 --bandwidth
 
 Nothing here asserts a speed.
 """

@@ -288,6 +288,11 @@ class GGMLEngine:
         if past + T > store.n_ctx:
             raise FANformerError(f"the context is full: {past} cached + {T} new tokens > {store.n_ctx}, "
                                  f"the model's max_seq_len")
+        ids = input_ids.numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            # ggml's get_rows would read past the embedding (and abort the process) instead
+            raise FANformerError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                                 f"{int(ids.min())}..{int(ids.max())}")
         mask = None if attention_mask is None else attention_mask.numpy()
         if mask is not None and mask.shape != (B, past + T):
             raise FANformerError(f"attention_mask is {tuple(mask.shape)}, expected {(B, past + T)} "
@@ -295,7 +300,7 @@ class GGMLEngine:
         n_kv = min(store.n_ctx, -(-(past + T) // KV_PAD) * KV_PAD)
         graph = store.graph(Shape(B, T, n_kv, last_only))
         positions, rows, bias = step_inputs(mask, past, B, T, n_kv, store.n_ctx)
-        _set(graph.ids, np.ascontiguousarray(input_ids.numpy(), dtype=np.int32))
+        _set(graph.ids, np.ascontiguousarray(ids, dtype=np.int32))
         _set(graph.positions, positions)
         _set(graph.rows, rows)
         _set(graph.mask, bias)
