@@ -55,7 +55,7 @@ from fanformer.config import PRESETS, FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer, count_parameters
 from fanformer.runtime import decode_timing, load_backend
-from fanformer.runtime.backend import DTYPES, Backend
+from fanformer.runtime.backend import DTYPES, Backend, detect_format
 from fanformer.runtime.torch_backend import TorchBackend
 
 SHORT_CONTEXT, LONG_CONTEXT = 16, 512
@@ -115,7 +115,7 @@ def random_prompt(backend: Backend, batch_size: int, length: int) -> torch.Tenso
 def time_prefill(backend: Backend, prompt: torch.Tensor) -> float:
     cache = backend.new_cache(prompt.shape[0])
     with Timer(backend.info.device) as timer:
-        backend.prefill(cache, prompt, torch.ones_like(prompt))
+        backend.prefill(cache, prompt, torch.ones_like(prompt), last_only=True)[:, -1].argmax(-1).cpu()
     return timer.seconds
 
 
@@ -123,7 +123,7 @@ def time_decode(backend: Backend, prompt: torch.Tensor, steps: int) -> float:
     """Seconds for `steps` greedy decode calls after prefilling `prompt` (not timed)."""
     cache = backend.new_cache(prompt.shape[0])
     mask = torch.ones_like(prompt)
-    logits = backend.prefill(cache, prompt, mask)
+    logits = backend.prefill(cache, prompt, mask, last_only=True)
     token = logits[:, -1].argmax(-1, keepdim=True).cpu()  # (B, 1)
     ones = torch.ones_like(token)
     with Timer(backend.info.device) as timer:
@@ -174,8 +174,8 @@ class GenaiTimer:
 class LlamaCppTimer:
     """llama.cpp on a GGUF file, timed like a backend: `eval` of the prompt is the prefill,
     each `eval` of one token a decode step, followed by the argmax of its logits as in
-    `time_decode`. Batch 1, torch's thread count, llama.cpp's defaults otherwise (f16 KV
-    cache, weights repacked for the CPU where ggml does that)."""
+    `time_decode`. Batch 1, torch's thread count for decode and prompts, llama.cpp's defaults
+    otherwise (flash attention, f16 KV cache, weights repacked for the CPU where ggml does that)."""
 
     def __init__(self, path: str):
         try:
@@ -186,8 +186,10 @@ class LlamaCppTimer:
 
         self.llama_cpp = llama_cpp
         try:  # n_ctx 0: the file's context length; one batch takes the longest prompt whole
-            self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT,
-                                       n_threads=torch.get_num_threads(), verbose=False)
+            threads = torch.get_num_threads()  # for prompts too: n_threads_batch defaults to every CPU
+            # flash_attn: llama.cpp's own default ("auto", on for the CPU); llama-cpp-python turns it off.
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=0, n_batch=LONG_CONTEXT, n_threads=threads,
+                                       n_threads_batch=threads, flash_attn=True, verbose=False)
         except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
             raise FANformerError(f"llama.cpp cannot load {path} ({err}); it runs `fanformer export "
                                  "--format gguf --arch llama` files, not the fanformer architecture") from None
@@ -263,7 +265,8 @@ def load(args) -> tuple[Backend, str]:
             raise FANformerError("--llama-cpp needs a GGUF file of the llama architecture as PATH and --batch-size 1")
         return LlamaCppTimer(args.path), str(args.path)
     if args.path is not None:
-        return load_backend(args.path, dtype=args.dtype, device=args.device), str(args.path)
+        gguf = {"engine": args.engine, "threads": torch.get_num_threads()} if detect_format(args.path) == "gguf" else {}
+        return load_backend(args.path, dtype=args.dtype, device=args.device, **gguf), str(args.path)
     torch.manual_seed(0)
     model = FANformer(FANformerConfig.from_name(args.preset))
     return TorchBackend.from_model(model, None, dtype=args.dtype, device=args.device), \
@@ -291,10 +294,16 @@ def parse_args() -> argparse.Namespace:
                         help="time onnxruntime-genai on the ONNX folder PATH instead of the ONNX backend")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="time llama.cpp (llama-cpp-python) on the GGUF file PATH instead of the GGUF backend")
+    parser.add_argument("--engine", choices=["auto", "ggml", "torch"], default="auto",
+                        help="the GGUF backend's engine (default: auto, ggml where ggml-python loads)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch, the GGUF backend and llama.cpp "
+                        "(default: torch's own setting)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
-    if min(args.batch_size, args.prompt_len, args.decode_steps, args.repeats) <= 0:
-        parser.error("--batch-size, --prompt-len, --decode-steps and --repeats must be positive")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if min(args.batch_size, args.prompt_len, args.decode_steps, args.repeats, args.threads or 1) <= 0:
+        parser.error("--batch-size, --prompt-len, --decode-steps, --repeats and --threads must be positive")
     return args
 
 
@@ -307,7 +316,7 @@ def main() -> None:
     threads = torch.get_num_threads() if info.device == "cpu" else None
 
     if args.json:
-        print(json.dumps({"source": source, "format": info.format, "device": name, "device_type": info.device,
+        print(json.dumps({"source": source, "format": info.format, "engine": getattr(backend, "engine", None), "device": name, "device_type": info.device,
                           "torch": torch.__version__, "threads": threads, "dtype": info.dtype,
                           "batch_size": args.batch_size, "decode_steps": args.decode_steps,
                           "repeats": args.repeats, "statistic": "min", "max_seq_len": info.max_seq_len,

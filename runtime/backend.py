@@ -57,8 +57,13 @@ class Backend(ABC):
         logits (B, T, vocab). `attention_mask` (B, past + T) is 1 for real tokens and 0 for
         left padding. With `cache=None` the tokens are scored from scratch and nothing is kept."""
 
-    def prefill(self, cache: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.forward(input_ids, attention_mask, cache)
+    def prefill(self, cache: object, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """`forward` on a prompt. With last_only the caller needs the last position's logits
+        only, (B, 1, vocab), and a backend may skip computing the others (the LM head
+        over a whole prompt is a third of a small model's prefill)."""
+        logits = self.forward(input_ids, attention_mask, cache)
+        return logits[:, -1:] if last_only else logits
 
     def decode(self, cache: object, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One new token per sequence: token_ids (B, 1) -> logits (B, 1, vocab)."""

@@ -166,7 +166,7 @@ def generate(backend: Backend, prompts: Sequence[str], config: GenerationConfig,
     generators = [torch.Generator().manual_seed(config.seed) for _ in prompt_ids]
 
     cache = backend.new_cache(batch)
-    logits = backend.prefill(cache, input_ids, mask)[:, -1].float().cpu()
+    logits = backend.prefill(cache, input_ids, mask, last_only=True)[:, -1].float().cpu()
     while True:
         chosen = next_tokens(process_logits(logits, config, seen, lengths, info.eos_id),
                              config.temperature, generators)

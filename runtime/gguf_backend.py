@@ -1,6 +1,5 @@
-"""The GGUF backend: one .gguf file (weights, hyperparameters, tokenizer) run by
-`fanformer.model` with its linear layers swapped for ones that compute on the file's
-own tensor types.
+"""The GGUF backend: one .gguf file (weights, hyperparameters, tokenizer) run on the
+file's own tensor types.
 
 Format: GGUF v2/v3 (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), read
 memory-mapped with gguf-py's `GGUFReader`. Key and tensor names come from
@@ -9,14 +8,25 @@ project's keys) and plain llama.cpp `llama` (p = 0, pre-norm, no CoLA, no gates;
 and K rows are un-permuted from llama.cpp's interleaved RoPE layout back to the
 rotate-half layout the model uses).
 
-The file is read by export/gguf_read.py; the layers that compute on its tensor types,
-and how each type is held and multiplied, are runtime/gguf_layers.py.
+Two engines run the file:
+
+- `ggml` (the default where ggml-python imports): the forward as one ggml graph over the
+  file's tensors, run by ggml's CPU kernels as llama.cpp runs its files
+  (runtime/ggml_engine.py, runtime/ggml_graph.py). llama files keep their interleaved
+  Q/K rows and run with ggml's interleaved RoPE.
+- `torch` (the fallback, and the reference the ggml engine is tested against):
+  `fanformer.model` with its linear layers swapped for ones that compute on the file's
+  tensor types (runtime/gguf_layers.py, which says how each type is held and multiplied).
+
+The file is read by export/gguf_read.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import logging
 import mmap
 from pathlib import Path
 
@@ -32,6 +42,43 @@ from fanformer.model import FANformer
 from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
 from fanformer.runtime.gguf_layers import (FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
                                            dequantize, make_linear)
+
+log = logging.getLogger(__name__)
+ENGINES = ("auto", "ggml", "torch")
+
+
+@functools.cache
+def ggml_missing() -> str | None:
+    """Why the ggml engine cannot run here (ggml-python not installed, or its library not
+    built), or None when it can. Imported on first use: `import ggml` loads the library."""
+    try:
+        import fanformer.runtime.ggml_engine  # noqa: F401
+    except Exception as err:  # ImportError, or OSError / RuntimeError from loading libggml
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def resolve_engine(engine: str) -> str:
+    """"ggml" or "torch" for an --engine choice; auto falls back to torch, with one warning,
+    where ggml-python does not import."""
+    if engine not in ENGINES:
+        raise FANformerError(f"unknown GGUF engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return engine
+    missing = ggml_missing()
+    if missing is None:
+        return "ggml"
+    if engine == "ggml":
+        raise FANformerError(f"--engine ggml needs ggml-python, which does not load here ({missing}); "
+                             "pip install ggml-python, or use --engine torch")
+    _warn_fallback(missing)
+    return "torch"
+
+
+@functools.cache  # one warning a process, not one a file
+def _warn_fallback(missing: str) -> None:
+    log.warning("ggml-python does not load here (%s): GGUF files run on the slower torch engine; "
+                "pip install ggml-python for the ggml one", missing)
 
 
 # --- The backend ---------------------------------------------------------------------
@@ -57,16 +104,22 @@ def _release_load_memory(reader: GGUFReader) -> None:
 
 @register("gguf", detect=names.is_gguf_file)
 class GGUFBackend(Backend):
-    """Options: device cpu|auto (the int4 kernel is torch's CPU one); dtype, if given,
-    must be fp32 (the compute dtype outside the weight kernels)."""
+    """Options: device cpu|auto (both engines run on the CPU); dtype, if given, must be
+    fp32 (the compute dtype outside the weight kernels); engine auto|ggml|torch (auto:
+    ggml where ggml-python loads); threads (default: the physical cores for ggml, torch's
+    own setting for torch)."""
 
-    def __init__(self, path: Path, dtype: str = "fp32", device: str = "cpu"):
+    def __init__(self, path: Path, dtype: str = "fp32", device: str = "cpu", engine: str = "auto",
+                 threads: int | None = None):
         path = Path(path)
         if resolve_dtype(dtype) != torch.float32:
             raise FANformerError(f"the GGUF backend computes in fp32 around the file's own weight types; "
                                  f"--dtype {dtype} is not available (export another --type instead)")
         if device != "auto" and resolve_device(device).type != "cpu":
             raise FANformerError("the GGUF backend runs on the CPU only; use --device cpu")
+        if threads is not None and threads < 1:
+            raise FANformerError(f"--threads must be at least 1, got {threads}")
+        self.engine = resolve_engine(engine)
         if not path.is_file():
             raise FANformerError(f"{path} is not a file: pass the .gguf file itself")
         reader = open_gguf(path)
@@ -79,19 +132,29 @@ class GGUFBackend(Backend):
         self.config = config_from_metadata(meta, arch, set(tensors))
         self.arch = arch
         self.tokenizer, ids = tokenizer_from_metadata(meta)
-        self.module = self._build(tensors, path, lambda: _release_load_memory(reader))
+        with torch.device("meta"):
+            model = FANformer(self.config)
+        state = self._check_tensors(tensors, model, path)  # {state key: (data, type)}
+        self.module = self.ggml = None
+        if self.engine == "ggml":
+            from fanformer.runtime.ggml_engine import GGMLEngine, physical_cores
+
+            self.ggml = GGMLEngine(reader, tensors, self.config, threads or physical_cores(),
+                                   interleaved_rope=arch == names.LLAMA_ARCH)
+        else:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            self.module = self._build(model, state, lambda: _release_load_memory(reader))
         weight_types = "+".join(sorted({t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1}))
         self.info = BackendInfo(format="gguf", path=str(path), vocab_size=self.config.vocab_size,
                                 max_seq_len=self.config.max_seq_len, dtype=f"fp32 ({weight_types} weights)",
                                 device="cpu", **ids)
 
-    def _build(self, tensors: dict, path: Path, release_load_memory) -> FANformer:
-        """The model on the meta device, then every tensor put in place: 2-D weights as
-        GGUF layers, 1-D ones (norms, biases, gates) as float32 parameters.
-        `release_load_memory()` runs after each layer is built."""
+    def _check_tensors(self, tensors: dict, model: FANformer, path: Path) -> dict:
+        """The file's tensors against the ones the config implies (`model`, on the meta
+        device): every name present, no other, each of the right shape and an allowed type.
+        {state key: (torch view of the data, type)}."""
         config = self.config
-        with torch.device("meta"):
-            model = FANformer(config)
         keys = [k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")]
         by_name = names.tensor_names(keys)  # {GGUF name: state key}
         unknown, missing = set(tensors) - set(by_name), set(by_name) - set(tensors)
@@ -100,8 +163,13 @@ class GGUFBackend(Backend):
                                  f"{', '.join(sorted(unknown)[:5])}; the file and its hyperparameters disagree")
         if missing:
             raise FANformerError(f"{path} lacks tensors its hyperparameters call for: {', '.join(sorted(missing)[:5])}")
-        state = {key: self._tensor(tensors[name], model.state_dict()[key].shape, path)
-                 for name, key in by_name.items()}  # {state key: (data, type)}
+        return {key: self._tensor(tensors[name], model.state_dict()[key].shape, path) for name, key in by_name.items()}
+
+    def _build(self, model: FANformer, state: dict, release_load_memory) -> FANformer:
+        """The torch engine: the model on the meta device, then every tensor put in place:
+        2-D weights as GGUF layers, 1-D ones (norms, biases, gates) as float32 parameters.
+        `release_load_memory()` runs after each layer is built."""
+        config = self.config
         if self.arch == names.LLAMA_ARCH:
             for key, n_head in (("q_proj", config.n_heads), ("k_proj", config.n_kv_heads)):
                 for i in range(config.n_layers):
@@ -154,18 +222,30 @@ class GGUFBackend(Backend):
     def weight_bytes(self) -> int:
         """Bytes of every tensor the model holds (weights, packed planes, norms), and of the
         packed weights that fbgemm keeps outside torch tensors."""
+        if self.ggml is not None:
+            return self.ggml.weight_bytes()
         tensors = {id(t): t for t in list(self.module.parameters()) + list(self.module.buffers())}.values()
         opaque = {id(m): m for m in self.module.modules() if isinstance(m, Fp16Linear)}.values()
         return sum(t.numel() * t.element_size() for t in tensors) + sum(m.held_bytes() for m in opaque)
 
     def new_cache(self, batch_size: int):
-        return self.module.new_cache()
+        return self.ggml.new_cache(batch_size) if self.ggml is not None else self.module.new_cache()
+
+    def forward(self, input_ids, attention_mask, cache):
+        return self._run(input_ids, attention_mask, cache, last_only=False)
+
+    def prefill(self, cache, input_ids, attention_mask, last_only: bool = False):
+        return self._run(input_ids, attention_mask, cache, last_only)
 
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, cache):
+    def _run(self, input_ids, attention_mask, cache, last_only: bool) -> torch.Tensor:
+        if self.ggml is not None:
+            return self.ggml.forward(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu(), cache,
+                                     last_only)
         # An all-ones mask is the plain causal case: leave it out so SDPA takes its fast path.
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        return self.module(input_ids, attention_mask=mask, cache=cache).float()
+        logits = self.module(input_ids, attention_mask=mask, cache=cache).float()
+        return logits[:, -1:] if last_only else logits
 
 
 SHARED_INPUT = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("ffn.gate_proj", "ffn.up_proj"))

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real corpus, a per-session token cache, one CPU thread."""
+"""Shared fixtures: a small real corpus, a per-session token cache, one CPU thread, a
+tiny model overfit on two short texts."""
 
 import json
 from pathlib import Path
@@ -6,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fanformer.config import FANformerConfig
 from fanformer.data import split_of
+from fanformer.model import FANformer
+from fanformer.tokenizer import train_tokenizer
 
 # Stdlib modules present in every supported Python: real source text, ~250 KB.
 CORPUS_MODULES = ("textwrap.py", "argparse.py", "dataclasses.py", "functools.py",
@@ -43,11 +47,45 @@ def _cache_env(monkeypatch, cache_dir):
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Test models are tiny; a second OpenMP thread gains nothing and, on a busy
-    2-core machine, spin-waits runs many times slower."""
+    2-core machine, spin-waits runs many times slower. The GGUF backend's ggml engine
+    (default: one thread per physical core) gets one thread too."""
+    from fanformer.runtime.gguf_backend import ggml_missing
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        if ggml_missing() is None:
+            patch.setattr("fanformer.runtime.ggml_engine.physical_cores", lambda: 1)
+        yield
     torch.set_num_threads(threads)
+
+
+OVERFIT_TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
+
+
+def overfit(**options):
+    """(model, tokenizer, ids): a `tiny` model with config `options`, overfit on OVERFIT_TEXTS.
+
+    Forty steps take its loss near 0.01, so next-token distributions are peaked as a real
+    model's are; random-init logits are so flat that any rounding flips their argmax, which
+    would make agreement checks of quantized or other-engine runs meaningless."""
+    tokenizer = train_tokenizer(OVERFIT_TEXTS, 400)
+    torch.manual_seed(0)
+    model = FANformer(FANformerConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size(), **options))
+    ids = torch.tensor(tokenizer.encode("".join(OVERFIT_TEXTS[:8])).ids[:65])[None]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokenizer, ids
+
+
+@pytest.fixture(scope="session")
+def train_overfit():
+    """`overfit`, for tests that need their own model options."""
+    return overfit
 
 
 @pytest.fixture

@@ -116,6 +116,8 @@ def run_shell(command: str, workdir: Path, monkeypatch) -> None:
     import fanformer.cli.train as train_commands
 
     argv = shrink(command)
+    while re.match(r"^\w+=", argv[0]):  # VAR=value before a command: its environment
+        argv = argv[1:]
     if argv[0] in ("python3", ".", "pip") or argv[:3] == ["python", "-m", "pytest"]:
         return  # set-up and the test suite itself (CI's .ci/run is the README's second command)
     if argv[0] == "fanformer":

@@ -30,7 +30,15 @@ def generation_config(args: argparse.Namespace, defaults: dict):
 
 
 def backend_options(args: argparse.Namespace) -> dict:
-    return {"device": args.device, **({"dtype": args.dtype} if args.dtype else {})}
+    from fanformer.errors import FANformerError
+    from fanformer.runtime.backend import detect_format
+
+    options = {"device": args.device, **({"dtype": args.dtype} if args.dtype else {})}
+    gguf = {name: value for name, value in (("engine", args.engine), ("threads", args.threads)) if value is not None}
+    if gguf and (args.format or detect_format(args.path)) != "gguf":
+        raise FANformerError(f"{' and '.join('--' + name for name in gguf)} "
+                             f"{'applies' if len(gguf) == 1 else 'apply'} to GGUF files only; {args.path} is not one")
+    return {**options, **gguf}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -167,6 +175,10 @@ def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                         help="compute dtype (default: fp32 for a checkpoint; an exported model's own)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    parser.add_argument("--engine", choices=["auto", "ggml", "torch"],
+                        help="GGUF files: ggml (llama.cpp's kernels) or torch (default auto: ggml where ggml-python loads)")
+    parser.add_argument("--threads", type=int, help="GGUF files: CPU threads (default: one per physical core for ggml, "
+                        "torch's own setting for torch)")
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:

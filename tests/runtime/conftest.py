@@ -6,15 +6,20 @@ right about caching and padding by construction: it tests the loops that drive a
 backend (generation, perplexity, drift), never a model.
 """
 
+from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 import pytest
 import torch
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from fanformer.checkpoint import save_checkpoint
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
 from fanformer.tokenizer import train_tokenizer
+from fanformer.export import gguf_format as names
 from fanformer.runtime.backend import Backend, BackendInfo
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
@@ -100,3 +105,35 @@ def checkpoint(tmp_path_factory, tokenizer, make_model):
     path = tmp_path_factory.mktemp("runtime") / "ckpt"
     save_checkpoint(path, make_model(seed=0), tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def rewrite():
+    """rewrite(source, out, arch=None, drop_key=None, tensor_edit=None): a copy of the GGUF
+    file `source` with one thing changed; tensor_edit(name, data, type) -> (name, data,
+    type) or None."""
+    return _rewrite
+
+
+def _rewrite(source: Path, out: Path, arch: str | None = None, drop_key: str | None = None,
+             tensor_edit=None) -> Path:
+    reader = GGUFReader(source)
+    arch = arch or reader.fields[names.GENERAL_ARCHITECTURE].contents()
+    writer = GGUFWriter(out, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in (names.GENERAL_ARCHITECTURE, drop_key):
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for tensor in reader.tensors:
+        edited = (tensor.name, np.array(tensor.data), tensor.tensor_type)
+        edited = tensor_edit(*edited) if tensor_edit else edited
+        if edited is not None:
+            writer.add_tensor(edited[0], edited[1], raw_dtype=edited[2])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from fanformer.export import gguf_format as names
 from fanformer.export.gguf_export import export_gguf
@@ -24,6 +24,7 @@ from fanformer.runtime import drift, eval_tokens, generate, load_backend, refere
 from fanformer.runtime.gguf_layers import (DEQUANTIZE, HAS_FBGEMM, HAS_ONEDNN_BF16, Bf16Linear, DenseLinear, Fp16Linear,
                                            Int4Linear, SharedInputLinear, dequantize, float_linear, int4_planes)
 from fanformer.runtime.generation import GenerationConfig
+from fanformer.runtime.gguf_backend import ggml_missing
 from fanformer.runtime.torch_backend import TorchBackend
 
 Q = GGMLQuantizationType
@@ -47,6 +48,14 @@ def export_to(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     return load_backend(checkpoint)
+
+
+@pytest.fixture(params=["ggml", "torch"])
+def engine(request):
+    """Each GGUF engine in turn (tests/runtime/test_ggml_engine.py compares the two directly)."""
+    if request.param == "ggml" and ggml_missing() is not None:
+        pytest.skip(f"ggml-python does not load: {ggml_missing()}")
+    return request.param
 
 
 def sample_ids(n: int = 24) -> torch.Tensor:
@@ -159,8 +168,8 @@ def test_float_types_read_as_stored(type_, export_to):
 
 # --- Against the checkpoint ---------------------------------------------------------
 
-def test_f32_file_reproduces_checkpoint_logits(export_to, reference):
-    backend = load_backend(export_to("f32"))
+def test_f32_file_reproduces_checkpoint_logits(export_to, reference, engine):
+    backend = load_backend(export_to("f32"), engine=engine)
     assert backend.info.format == "gguf" and backend.info.dtype == "fp32 (f32 weights)"
     assert (backend.config, backend.info.vocab_size) == (reference.model.config, reference.info.vocab_size)
     assert (backend.info.bos_id, backend.info.eos_id, backend.info.pad_id) == (0, 1, 2)
@@ -173,52 +182,53 @@ def test_f32_file_reproduces_checkpoint_logits(export_to, reference):
     dict(cola_rank=0.25, cola_lm_head=True, norm="hybrid"),
     dict(tie_embeddings=True, n_kv_heads=4),
 ], ids=["hybrid-gates-gelu", "cola", "tied"])
-def test_every_architecture_option_round_trips(overrides, make_model, tokenizer, tmp_path, export_to):
+def test_every_architecture_option_round_trips(overrides, make_model, tokenizer, tmp_path, export_to, engine):
     source = save_checkpoint(tmp_path / "ckpt", make_model(seed=1, **overrides), tokenizer)
     expected = TorchBackend.from_model(load_model(source)).score(sample_ids())
-    torch.testing.assert_close(load_backend(export_to("f32", source=source)).score(sample_ids()), expected,
-                               rtol=1e-5, atol=1e-5)
+    got = load_backend(export_to("f32", source=source), engine=engine).score(sample_ids())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Quantized, the same model runs through the 4-bit kernel (CoLA factors, tied head and all).
-    got = load_backend(export_to("q8_0", source=source)).score(sample_ids())
+    got = load_backend(export_to("q8_0", source=source), engine=engine).score(sample_ids())
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_llama_file_loads_back_to_checkpoint_logits(tied, make_model, tokenizer, tmp_path, export_to):
+def test_llama_file_loads_back_to_checkpoint_logits(tied, make_model, tokenizer, tmp_path, export_to, engine):
     source = save_checkpoint(tmp_path / "llama", make_model(seed=2, p=0.0, tie_embeddings=tied), tokenizer)
     path = export_to("f32", arch=names.LLAMA_ARCH, source=source)
     assert ("output.weight" in {t.name for t in GGUFReader(path).tensors}) != tied
-    backend = load_backend(path)
+    backend = load_backend(path, engine=engine)
     assert backend.config == load_model(source).config
     expected = TorchBackend.from_model(load_model(source)).score(sample_ids())
     torch.testing.assert_close(backend.score(sample_ids()), expected, rtol=1e-5, atol=1e-5)
-    quantized = load_backend(export_to("q8_0", arch=names.LLAMA_ARCH, source=source)).score(sample_ids())
+    quantized = load_backend(export_to("q8_0", arch=names.LLAMA_ARCH, source=source), engine=engine)
+    quantized = quantized.score(sample_ids())
     assert (quantized.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8  # rows un-permuted as stored
 
 
 @pytest.mark.parametrize("type_, kl_bound, top1_bound", [("f16", 1e-5, 0.99), ("q8_0", 2e-3, 0.9)])
-def test_drift_of_16_and_8_bit_files(type_, kl_bound, top1_bound, export_to, checkpoint, corpus):
-    backend = load_backend(export_to(type_))
+def test_drift_of_16_and_8_bit_files(type_, kl_bound, top1_bound, export_to, checkpoint, corpus, engine):
+    backend = load_backend(export_to(type_), engine=engine)
     tokens = eval_tokens(backend.tokenizer, [str(corpus)], "all", 1500)
     result = drift(backend, load_backend(checkpoint), tokens, ctx=64, batch_size=8)
-    log.warning("gguf %s vs fp32 checkpoint: KL %.3g (p99 %.3g), top-1 %.4f, ppl change %+.3g%%", type_,
-                result.kl_mean, result.kl_p99, result.top1_agreement, 100 * result.ppl_change)
+    log.warning("gguf %s (%s engine) vs fp32 checkpoint: KL %.3g (p99 %.3g), top-1 %.4f, ppl change %+.3g%%",
+                type_, engine, result.kl_mean, result.kl_p99, result.top1_agreement, 100 * result.ppl_change)
     assert result.kl_mean < kl_bound and result.top1_agreement > top1_bound
 
 
 @pytest.mark.parametrize("type_, kl_bound", [("bf16", 1e-4), ("q5_1", 3e-2), ("q5_0", 3e-2), ("q4_1", 0.1),
                                              ("q4_0", 0.1)])
-def test_every_weight_type_tracks_the_checkpoint(type_, kl_bound, export_to, reference):
+def test_every_weight_type_tracks_the_checkpoint(type_, kl_bound, export_to, reference, engine):
     ids = sample_ids(32)
     expected = torch.log_softmax(reference.score(ids), -1)
-    got = torch.log_softmax(load_backend(export_to(type_)).score(ids), -1)
+    got = torch.log_softmax(load_backend(export_to(type_), engine=engine).score(ids), -1)
     kl = float((expected.exp() * (expected - got)).sum(-1).mean())
-    log.warning("gguf %s vs fp32 checkpoint on random tokens: KL %.3g", type_, kl)
+    log.warning("gguf %s (%s engine) vs fp32 checkpoint on random tokens: KL %.3g", type_, engine, kl)
     assert kl < kl_bound
 
 
 def test_cached_decode_equals_uncached_score(export_to):
-    backend = load_backend(export_to("q8_0"))
+    backend = load_backend(export_to("q8_0"), engine="torch")  # ggml: tests/runtime/test_ggml_engine.py
     ids = sample_ids(20)
     expected = backend.score(ids)
     cache = backend.new_cache(2)
@@ -228,8 +238,8 @@ def test_cached_decode_equals_uncached_score(export_to):
     torch.testing.assert_close(torch.cat(got, dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_generation_equals_pytorch_reference(export_to, reference):
-    backend = load_backend(export_to("f32"))
+def test_greedy_generation_equals_pytorch_reference(export_to, reference, engine):
+    backend = load_backend(export_to("f32"), engine=engine)
     prompt = "def add(a, b):"
     got = generate(backend, [prompt], GenerationConfig(max_new_tokens=16, temperature=0))[0]
     assert got.token_ids == reference_greedy(reference, reference.tokenizer.encode(prompt).ids, 16)
@@ -246,6 +256,31 @@ def test_cli_generate_and_eval_run_the_file(capsys, export_to, checkpoint, corpu
     assert reported["model_info"]["format"] == "gguf" and reported["top1_agreement"] > 0.99
 
 
+def test_cli_engine_and_threads_flags(capsys, export_to, checkpoint, cli_fails):
+    path = str(export_to("q8_0"))
+    outputs = []
+    for engine in ("torch", "ggml") if ggml_missing() is None else ("torch",):
+        assert main(["generate", path, "--prompt", "def ", "--greedy", "--max-new-tokens", "4", "--engine", engine,
+                     "--threads", "1"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].startswith("def ")
+    cli_fails(["generate", str(checkpoint), "--prompt", "x", "--engine", "ggml"], "--engine applies to GGUF files")
+
+
+def test_without_ggml_the_torch_engine_runs_with_one_warning(export_to, monkeypatch, caplog):
+    from fanformer.runtime import gguf_backend
+
+    monkeypatch.setattr(gguf_backend, "ggml_missing", lambda: "OSError: libggml.so: cannot open shared object file")
+    gguf_backend._warn_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        backends = [load_backend(export_to("f32")) for _ in range(2)]
+    assert [b.engine for b in backends] == ["torch", "torch"]
+    assert len([r for r in caplog.records if "ggml-python does not load" in r.message]) == 1
+    with pytest.raises(FANformerError, match="--engine ggml needs ggml-python"):
+        load_backend(export_to("f32"), engine="ggml")
+    gguf_backend._warn_fallback.cache_clear()
+
+
 # --- Tokenizer and memory --------------------------------------------------------------
 
 def test_embedded_tokenizer_matches_tokenizer_json(export_to, checkpoint):
@@ -260,7 +295,7 @@ def test_embedded_tokenizer_matches_tokenizer_json(export_to, checkpoint):
 
 @pytest.mark.parametrize("type_, bound", [("q8_0", 0.4), ("q4_0", 0.4), ("f16", 0.55)])
 def test_weights_stay_in_the_file_type(type_, bound, export_to, reference):
-    backend = load_backend(export_to(type_))
+    backend = load_backend(export_to(type_), engine="torch")  # ggml: tests/runtime/test_ggml_engine.py
     fp32_bytes = sum(p.numel() * 4 for p in reference.model.parameters())
     ratio = backend.weight_bytes() / fp32_bytes
     log.warning("gguf %s holds %.3f x the fp32 weight bytes", type_, ratio)
@@ -271,32 +306,7 @@ def test_weights_stay_in_the_file_type(type_, bound, export_to, reference):
 
 # --- Bad files -------------------------------------------------------------------------
 
-def rewrite(source: Path, out: Path, arch: str | None = None, drop_key: str | None = None,
-            tensor_edit=None) -> Path:
-    """A copy of `source` with one thing changed; tensor_edit(name, data, type) -> (name, data, type) or None."""
-    reader = GGUFReader(source)
-    arch = arch or reader.fields[names.GENERAL_ARCHITECTURE].contents()
-    writer = GGUFWriter(out, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in (names.GENERAL_ARCHITECTURE, drop_key):
-            continue
-        if field.types[0] == GGUFValueType.ARRAY:
-            writer.add_array(key, field.contents())
-        else:
-            writer.add_key_value(key, field.contents(), field.types[0])
-    for tensor in reader.tensors:
-        edited = (tensor.name, np.array(tensor.data), tensor.tensor_type)
-        edited = tensor_edit(*edited) if tensor_edit else edited
-        if edited is not None:
-            writer.add_tensor(edited[0], edited[1], raw_dtype=edited[2])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
-
-
-def test_rewrite_helper_keeps_a_good_file_good(export_to, tmp_path, reference):
+def test_rewrite_helper_keeps_a_good_file_good(export_to, tmp_path, reference, rewrite):
     path = rewrite(export_to("f32"), tmp_path / "copy.gguf")
     torch.testing.assert_close(load_backend(path).score(sample_ids()), reference.score(sample_ids()),
                                rtol=1e-5, atol=1e-5)
@@ -320,7 +330,7 @@ def _bytes(source: Path, out: Path, edit) -> Path:
     ("unknown tensor", "blk.0.mystery.weight"),
     ("missing tensor", "lacks tensors"),
 ])
-def test_bad_files_raise_one_clear_error(case, expected, export_to, tmp_path):
+def test_bad_files_raise_one_clear_error(case, expected, export_to, tmp_path, rewrite):
     good = export_to("f32")
     out = tmp_path / "bad.gguf"
     shape_edit = lambda n, d, t: (n, d[:-16], t) if n == "blk.0.attn_q.weight" else (n, d, t)  # noqa: E731
