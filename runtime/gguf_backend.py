@@ -4,9 +4,9 @@ file's own tensor types.
 Format: GGUF v2/v3 (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), read
 memory-mapped with gguf-py's `GGUFReader`. Key and tensor names come from
 export/gguf_format.py. Two architectures load: `fanformer` (every model option, under the
-project's keys) and plain llama.cpp `llama` (p = 0, pre-norm, no CoLA, no gates; the Q
-and K rows are un-permuted from llama.cpp's interleaved RoPE layout back to the
-rotate-half layout the model uses).
+project's keys) and plain llama.cpp `llama` (p = 0, pre-norm, no CoLA, no gates, Q and K
+rows in llama.cpp's interleaved RoPE layout). Every tensor's name, shape and type is
+checked against the config before either engine builds anything.
 
 Two engines run the file:
 
@@ -16,7 +16,8 @@ Two engines run the file:
   Q/K rows and run with ggml's interleaved RoPE.
 - `torch` (the fallback, and the reference the ggml engine is tested against):
   `fanformer.model` with its linear layers swapped for ones that compute on the file's
-  tensor types (runtime/gguf_layers.py, which says how each type is held and multiplied).
+  tensor types (runtime/gguf_layers.py, which says how each type is held and multiplied);
+  a llama file's Q and K rows are un-permuted back to the model's rotate-half layout.
 
 The file is read by export/gguf_read.py.
 """

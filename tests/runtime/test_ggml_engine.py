@@ -7,9 +7,10 @@ weights left in the file.
 The bound per type is on max |ggml - torch| / max |torch| over the logits of the overfit
 tiny model (peaked, as a trained model's are). The two engines round differently around
 the same weights: ggml's kernels take f16 activations for f16 weights, bf16 for bf16 and
-8-bit blocks (Q8_0) for every q* type, and keep the KV cache in f16 (f32 for an f32
-file); the torch engine keeps fp32 activations for float weights and rounds them to
-bf16 for q* ones. Each bound is about twice the largest difference measured.
+8-bit blocks (Q8_0) for every q* type (the tiny model's heads are 16 wide, so its KV
+cache is f32: `default_kv_type`; the cached-decode test runs an f16 cache too); the
+torch engine keeps fp32 activations for float weights and rounds them to bf16 for q*
+ones. Each bound is about twice the largest difference measured.
 """
 
 import logging
@@ -158,12 +159,20 @@ def test_greedy_tokens_equal_the_torch_engines_over_64_steps(type_, files):
     assert greedy(ggml, ids, 64) == expected
 
 
+@pytest.mark.parametrize("kv", ["f16", "f32"])
 @pytest.mark.parametrize("type_, tolerance", [("f32", 1e-5), ("f16", 1e-3), ("q4_0", 1e-3)])
-def test_cached_decode_equals_the_uncached_forward(type_, tolerance, files):
+def test_cached_decode_equals_the_uncached_forward(type_, tolerance, kv, files):
     """Prefill, a 4-token step and single-token steps over the cache give the logits of
-    one uncached forward over all the tokens (the cache is f16 for an f16 or q* file, as
-    it is in the uncached forward, which writes its keys through the same cache)."""
+    one uncached forward over all the tokens, with either cache type (the uncached
+    forward writes its keys through a cache of the same type)."""
+    import ggml as G
+
+    from fanformer.runtime.ggml_engine import GGMLEngine
+
     backend = load_backend(files(type_), engine="ggml")
+    reader = backend.ggml.reader
+    backend.ggml = GGMLEngine(reader, {t.name: t for t in reader.tensors}, backend.config, 1,
+                              kv_type=G.GGML_TYPE_F16 if kv == "f16" else G.GGML_TYPE_F32)
     ids = prompt(backend, 20)
     expected = backend.score(ids)
     cache = backend.new_cache(2)
@@ -200,6 +209,19 @@ def test_left_padded_batch_equals_each_sequence_alone(type_, files):
 
 
 # --- Engine mechanics -------------------------------------------------------------------
+
+def test_kv_cache_type_follows_the_file_and_the_head_width(files):
+    import ggml as G
+
+    from fanformer.runtime.ggml_engine import default_kv_type
+
+    tensors = {t.name: t for t in GGUFReader(files("q8_0")).tensors}
+    config = load_backend(files("q8_0"), engine="ggml").config
+    assert default_kv_type(config.replace(head_dim=64), tensors) == G.GGML_TYPE_F16  # llama.cpp's default
+    assert default_kv_type(config.replace(head_dim=32), tensors) == G.GGML_TYPE_F32  # narrow heads
+    f32 = {t.name: t for t in GGUFReader(files("f32")).tensors}
+    assert default_kv_type(config.replace(head_dim=64), f32) == G.GGML_TYPE_F32  # fp32 throughout
+
 
 def test_step_inputs_are_the_models_masks_and_positions():
     from fanformer.runtime.ggml_engine import step_inputs
