@@ -56,18 +56,19 @@ def get_format(name: str) -> ExportFormat:
     return known[name]
 
 
-def make_options(format: str, **options) -> Any:
+def make_options(fmt: ExportFormat, **options) -> Any:
     """The format's options dataclass from keyword options, refusing names it does not have."""
-    cls = get_format(format).options
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(fmt.options)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise FANformerError(f"{', '.join(unknown)} do not apply to {format}; its options are {', '.join(sorted(names))}")
-    return cls(**options)
+        raise FANformerError(f"{', '.join(unknown)} do not apply to {fmt.name}; "
+                             f"its options are {', '.join(sorted(names))}")
+    return fmt.options(**options)
 
 
 def default_output(checkpoint: str | Path, format: str, **options) -> Path:
-    return get_format(format).default_output(Path(checkpoint), make_options(format, **options))
+    fmt = get_format(format)
+    return fmt.default_output(Path(checkpoint), make_options(fmt, **options))
 
 
 def refuse_bitsandbytes(checkpoint: str | Path, format: str) -> None:
@@ -88,7 +89,7 @@ def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *
     """Write `checkpoint` in `format` to `out` (default: `default_output`); `validate` checks
     the finished output before it is moved into place (see the format's writer)."""
     fmt = get_format(format)
-    opts = make_options(format, **options)
+    opts = make_options(fmt, **options)
     refuse_bitsandbytes(checkpoint, format)
     out = Path(out) if out is not None else fmt.default_output(Path(checkpoint), opts)
     return fmt.write(Path(checkpoint), out, opts, force=force, validate=validate)

@@ -52,6 +52,7 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise FANformerError(f"output path {out} is a file; give a directory with --out")
     if out.is_dir() and any(out.iterdir()) and not force:
+        # The ONNX folder's model file (export/onnx_format.MODEL_FILE; the core cannot import upwards).
         what = ("an exported ONNX model" if (out / "model.onnx").is_file()
                 else "a checkpoint" if is_checkpoint(out) else "files")
         raise FANformerError(f"output directory {out} already holds {what}; "

@@ -10,7 +10,6 @@ from fanformer.cli.flags import add_option_flags, given_options, inapplicable
 from fanformer.errors import FANformerError
 
 
-
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a checkpoint to ONNX (a folder onnxruntime and onnxruntime-genai run as is) or GGUF (one file)."""
     from fanformer.export import export, formats

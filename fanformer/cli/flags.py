@@ -107,8 +107,7 @@ def config_overrides(args: argparse.Namespace, cls) -> dict:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
-def add_option_flags(parser: argparse.ArgumentParser, classes: dict[str, type], title: str,
-                     skip: tuple[str, ...] = ()) -> dict[str, str]:
+def add_option_flags(parser: argparse.ArgumentParser, classes: dict[str, type], title: str) -> dict[str, str]:
     """One flag per field name over `classes` (name -> options dataclass); the help says which
     names have it. Returns field -> how messages name its flag."""
     owners: dict[str, dict[str, object]] = {}  # field -> {owner: its default there}
@@ -116,8 +115,6 @@ def add_option_flags(parser: argparse.ArgumentParser, classes: dict[str, type], 
     for owner, cls in classes.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in skip:
-                continue
             owners.setdefault(f.name, {})[owner] = f.default
             fields.setdefault(f.name, (f, *_kind(hints[f.name])))
     group = parser.add_argument_group(title)
