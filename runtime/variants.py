@@ -45,10 +45,10 @@ class Variant:
 
     def load_options(self, device: str, threads: int | None = None) -> dict:
         """`load_backend` keyword arguments on `device` (the table's), CPU if it cannot run
-        there; `threads` reaches onnxruntime's and ggml's own thread pools (torch's is
-        process-wide)."""
+        there; `threads` reaches onnxruntime's, onnxruntime-genai's and ggml's own thread
+        pools (torch's is process-wide)."""
         options = {"device": device if device in self.devices else "cpu", **self.load}
-        if threads and self.format in ("onnx", "gguf"):
+        if threads and self.format in ("onnx", "gguf", "genai"):
             options["threads"] = threads
         return options
 
