@@ -125,7 +125,7 @@ class FusedBuilder:
             bias = torch.cat([b.detach().float() if b is not None else torch.zeros(layer.out_features)
                               for b, layer in zip(biases, layers)])
         if all(quantized):
-            y = self._matmul_nbits(x, quantized, out_scale, bias)
+            y = self._matmul_nbits(x, quantized, names_[0], out_scale, bias)
         else:
             w = torch.cat([layer.weight.detach().float() for layer in layers])  # (N, K)
             if out_scale is not None:
@@ -136,11 +136,18 @@ class FusedBuilder:
                                                                                       is not None else 1))])
         return y
 
-    def _matmul_nbits(self, x: str, layers: list[QuantLinear], out_scale, bias) -> str:
+    def _matmul_nbits(self, x: str, layers: list[QuantLinear], prefix: str, out_scale, bias) -> str:
         parts = [layer_integers(layer) for layer in layers]
         shape = {(p["K"], p["bits"], p["block_size"]) for p in parts}
-        if len(shape) > 1:
-            return self.g.op("Concat", [self._matmul_nbits(x, [layer], None, None) for layer in layers], axis=-1)
+        if len(shape) > 1:  # cannot pack: one node each (biases and scales apply per layer)
+            outs, start = [], 0
+            for layer in layers:
+                end = start + layer.out_features
+                outs.append(self._matmul_nbits(
+                    x, [layer], f"{prefix}.{len(outs)}", None if out_scale is None else out_scale[start:end],
+                    None if bias is None else bias[start:end]))
+                start = end
+            return self.g.op("Concat", outs, axis=-1)
         k, bits, block = shape.pop()
         n = sum(p["N"] for p in parts)
         b = np.concatenate([p["B"] for p in parts])
@@ -148,7 +155,6 @@ class FusedBuilder:
         zeros = np.concatenate([p["zero_points"].reshape(p["N"], -1) for p in parts])
         if out_scale is not None:
             scales = scales * out_scale.numpy()[:, None]
-        prefix = self.module_names[layers[0]]
         inputs = [x, self.g.const(f"{prefix}.B", b),
                   self.g.const(f"{prefix}.scales", scales.astype(NP_DTYPES[self.g.dtype]).reshape(-1)),
                   self.g.const(f"{prefix}.zero_points", zeros.reshape(-1))]

@@ -145,7 +145,12 @@ class OnnxBackend(Backend):
 
     def _run_fused(self, feeds: list, cache: OnnxCache) -> torch.Tensor:
         """One step of the fused graph, the cache bound in place as both past and present."""
-        total = feeds[1].shape[1]  # the mask spans cached and new tokens
+        (batch, new), total = feeds[0].shape, feeds[1].shape[1]  # the mask spans cached and new tokens
+        if batch > 1 and new > 1 and cache.length:
+            # GroupQueryAttention's CPU kernel takes several new tokens over a cache at batch 1
+            # only: feed them one at a time (the same causal result).
+            return torch.cat([self._run_fused([feeds[0][:, [i]], feeds[1][:, :total - new + i + 1]], cache)
+                              for i in range(new)], dim=1)
         if total > self.config.max_seq_len:
             raise FANformerError(f"{total} tokens exceed the model's context of {self.config.max_seq_len}")
         capacity = cache.past[0].shape()[2]
