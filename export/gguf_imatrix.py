@@ -29,6 +29,32 @@ CHUNK_SIZE = "imatrix.chunk_size"
 SUM2, COUNTS = ".in_sum2", ".counts"
 
 
+def make_imatrix(checkpoint: str | Path, out: str | Path, data: list[str] | None = None, chunks: int = 64,
+                 ctx: int = 512, cache_dir: str | Path | None = None, progress: bool = True,
+                 force: bool = False) -> tuple[Path, int, int]:
+    """Measure `checkpoint`'s importance matrix over `chunks` windows of `ctx` tokens (capped
+    at its context) from the training split of `data` (default corpus if None) and write it
+    at `out`; returns (out, windows, tokens per window)."""
+    from fanformer.checkpoint import load_model, read_quantization_config
+    from fanformer.quant.calibration import calibration_tokens
+    from fanformer.quant.imatrix import collect_importance
+    from fanformer.tokenizer import load_tokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if read_quantization_config(checkpoint) is not None:
+        raise FANformerError(f"{checkpoint} is a quantized checkpoint; an importance matrix is measured on the "
+                             "float model it came from")
+    if out.exists() and not force:
+        raise FANformerError(f"output file {out} already exists; choose another --out, or pass --force to overwrite it")
+    model = load_model(checkpoint)
+    ctx = min(ctx, model.config.max_seq_len)
+    windows = calibration_tokens(load_tokenizer(checkpoint), data, chunks, ctx, cache_dir=cache_dir)
+    stats = collect_importance(model, windows, progress=progress)
+    datasets = [str(d) for d in data] if data else ["the Python standard library"]
+    write_imatrix(out, gguf_entries(stats, model.config.tie_embeddings), datasets, len(windows), ctx, force=force)
+    return out, len(windows), ctx
+
+
 def gguf_entries(stats: dict, tied: bool) -> dict[str, tuple[np.ndarray, int]]:
     """{GGUF weight name: (sum of x^2 per column, tokens)} from quant/imatrix.py's
     {state_dict key: Importance}; a tied LM head's statistics belong to token_embd.weight,

@@ -53,27 +53,13 @@ def cmd_imatrix(args: argparse.Namespace) -> None:
     """Compute an importance matrix: each linear layer's per-column mean of x^2 over calibration
     text, written as llama.cpp's imatrix GGUF (for `fanformer export --format gguf --imatrix`
     and llama.cpp's `llama-quantize --imatrix`)."""
-    from fanformer.checkpoint import load_model, read_quantization_config
-    from fanformer.export.gguf_imatrix import gguf_entries, write_imatrix
-    from fanformer.quant.calibration import calibration_tokens
-    from fanformer.quant.imatrix import collect_importance
-    from fanformer.tokenizer import load_tokenizer
+    from fanformer.export.gguf_imatrix import make_imatrix
 
     checkpoint = Path(args.checkpoint)
-    if read_quantization_config(checkpoint) is not None:
-        raise FANformerError(f"{checkpoint} is a quantized checkpoint; an importance matrix is measured on the "
-                             "float model it came from")
     out = Path(args.out) if args.out else checkpoint.with_name(f"{checkpoint.name}.imatrix.gguf")
-    if out.exists() and not args.force:
-        raise FANformerError(f"output file {out} already exists; choose another --out, or pass --force to overwrite it")
-    model = load_model(checkpoint)
-    ctx = min(args.ctx, model.config.max_seq_len)
-    windows = calibration_tokens(load_tokenizer(checkpoint), args.calib_data, args.chunks, ctx,
-                                 cache_dir=args.cache_dir)
-    stats = collect_importance(model, windows, progress=not args.quiet)
-    datasets = [str(d) for d in args.calib_data] if args.calib_data else ["the Python standard library"]
-    write_imatrix(out, gguf_entries(stats, model.config.tie_embeddings), datasets, len(windows), ctx, force=args.force)
-    print(f"wrote {out} ({len(stats)} tensors, {len(windows)} chunks of {ctx} tokens)")
+    out, chunks, ctx = make_imatrix(checkpoint, out, args.calib_data, args.chunks, args.ctx, args.cache_dir,
+                                    progress=not args.quiet, force=args.force)
+    print(f"wrote {out} ({chunks} chunks of {ctx} tokens)")
 
 
 def format_quant_report(report: dict) -> str:
