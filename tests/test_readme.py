@@ -39,6 +39,7 @@ SHRINK = [
     (r"--max-tokens \d+", "--max-tokens 300"),
     (r"--calib-samples \d+", "--calib-samples 4"),
     (r"--calib-seq-len \d+", "--calib-seq-len 32"),
+    (r"--chunks \d+", "--chunks 4"),
     (r"--data corpus/", "--data corpus"),
 ]
 # ... and flags added where a command leaves them out (None: a flag without a value).
@@ -49,6 +50,7 @@ ADD = {
     "drift": {"--max-tokens": "300", "--data": "corpus", "--variants": "gguf-q8_0", "--no-speed": None,
               "--calib-samples": "4"},
     "quantize": {},
+    "imatrix": {"--calib-data": "corpus"},
     "experiment": {"--steps": "3", "--seeds": "1", "--jobs": "1"},
     "benchmarks/quant_drift.py": {"--max-tokens": "300", "--calib-samples": "4", "--calib-seq-len": "32"},
     "benchmarks/quantize.py": {"--calib-samples": "4", "--calib-seq-len": "32"},
