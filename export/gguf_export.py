@@ -209,6 +209,18 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     tokens, token_types, merges = vocabulary(tokenizer, config.vocab_size)
     weight_type, file_type = names.WEIGHT_TYPES[type]
     carried_type = None
+    if qconfig is not None and type in gguf_kquants.MIXTURES:
+        # A K-quant block is an fp16 super-block scale over 6-bit sub-block scales and mins;
+        # a GPTQ group's fp16 scale and integer zero are not of that form, so the integers
+        # cannot be carried: the dequantized weights are quantized into the mixture instead.
+        from fanformer.quant.linear import dequantized_model
+
+        model, _ = dequantized_model(model)
+        log.warning("%s holds GPTQ-layout integers (%d-bit, group size %s), which %s's blocks cannot hold "
+                    "exactly (6-bit sub-block scales and mins under an fp16 super-block scale): quantizing its "
+                    "dequantized weights to %s instead%s", checkpoint, qconfig["bits"], qconfig.get("group_size"),
+                    type, type, "" if importance else " (an --imatrix weighs that rounding)")
+        qconfig = None
     if qconfig is not None:
         from fanformer.export import gguf_carry
         carried_type = gguf_carry.target_type(qconfig["bits"], bool(qconfig.get("sym", True)))

@@ -266,7 +266,7 @@ class FusedBuilder:
         return {"seqlens_k": seqlens_k, "total": total, "cos": cos, "sin": sin, "bias": bias}
 
     def build(self) -> onnx.ModelProto:
-        m, c, g = self.model, self.config, self.g
+        m, g = self.model, self.g
         common = self.common_inputs()
         x = g.op("Gather", [g.weight("embed.weight", m.embed.weight), names.INPUT_IDS], axis=0)  # (B, S, C)
         delta = None  # the residual is x + delta; the add is fused into the next norm

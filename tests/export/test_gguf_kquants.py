@@ -256,3 +256,23 @@ def test_imatrix_cli_and_export_flag(fan, corpus, tmp_path, cli_fails, capsys):
     cli_fails(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--imatrix", tmp_path / "none.gguf",
                "--out", tmp_path / "y.gguf"], "does not exist")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_a_gptq_checkpoint_into_a_k_quant_is_requantized_and_says_why(fan, tmp_path, caplog):
+    """GPTQ's grid (an fp16 scale and integer zero per group) is not a K-quant block's, so
+    its dequantized weights are quantized into the mixture, with the reason logged."""
+    from fanformer.quant.checkpoint import load_quantized_model, quantize_checkpoint
+    from fanformer.quant.config import RTNConfig
+
+    quantized = tmp_path / "rtn"
+    quantize_checkpoint(fan, RTNConfig(bits=4, group_size=32), quantized, progress=False)
+    with caplog.at_level(logging.WARNING, logger="fanformer.export.gguf_export"):
+        path = export_gguf(quantized, tmp_path / "m.gguf", type="q4_k_m")
+    assert "cannot hold exactly" in caplog.text and "quantizing its dequantized weights to q4_k_m" in caplog.text
+    found = file_tensors(path)
+    layer = load_quantized_model(quantized).blocks[0].ffn.up_proj
+    t = found["blk.0.ffn_up.weight"]
+    assert t.tensor_type == T.Q4_K
+    expected = layer.dequantized_weight().numpy()
+    got = dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape)
+    assert np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected ** 2)) < RMS_BOUND[T.Q4_K]
