@@ -52,7 +52,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, TokenType
+from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter,
+                  TokenType)
 from gguf import quants
 
 from fanformer.export import gguf_format as names
@@ -179,10 +180,13 @@ def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAULT_WEIGHT_TYPE,
-                arch: str = names.ARCH, imatrix: str | Path | None = None, force: bool = False) -> Path:
+                arch: str = names.ARCH, imatrix: str | Path | None = None, gptq: bool = False,
+                calib_data: list[str] | None = None, calib_samples: int = 128, force: bool = False,
+                progress: bool = True) -> Path:
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
     gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
-    importance matrix file `imatrix` if given."""
+    importance matrix file `imatrix` if given, or with `gptq` (export/gguf_gptq.py) on
+    `calib_samples` windows of `calib_data`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if type not in names.WEIGHT_TYPES:
         raise FANformerError(f"unsupported GGUF type {type!r}; choose one of {', '.join(names.WEIGHT_TYPES)}")
@@ -209,6 +213,14 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     tokens, token_types, merges = vocabulary(tokenizer, config.vocab_size)
     weight_type, file_type = names.WEIGHT_TYPES[type]
     carried_type = None
+    precomputed = {}  # GGUF name -> (type, bytes) already quantized (GPTQ)
+    if gptq:
+        if qconfig is not None:
+            raise FANformerError(f"{checkpoint} is already quantized; --gptq quantizes the float checkpoint it came from")
+        if type not in names.WEIGHT_TYPES or type in ("f32", "f16", "bf16"):
+            raise FANformerError(f"--gptq only applies to quantized types, not --type {type}")
+        precomputed = _gptq(checkpoint, model, type, calib_data, calib_samples, progress)
+        model = load_any_model(checkpoint)  # the GPTQ pass overwrote the weights it quantized
     if qconfig is not None and type in gguf_kquants.MIXTURES:
         # A K-quant block is an fp16 super-block scale over 6-bit sub-block scales and mins;
         # a GPTQ group's fp16 scale and integer zero are not of that form, so the integers
@@ -279,6 +291,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
             elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
                 array = llama_permute(array, config.n_kv_heads)
             name = names.gguf_tensor_name(key)
+            if name in precomputed:
+                qtype, data = precomputed[name]
+                if arch == names.LLAMA_ARCH and key.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
+                    data = llama_permute(data, config.n_heads if "q_proj" in key else config.n_kv_heads)
+                writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
+                continue
             if mixture and array.ndim >= 2:
                 wanted = gguf_kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
                                                    config.tie_embeddings, bool(importance))
@@ -309,3 +327,18 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
             gguf_carry.log_report(carried, qconfig)
 
     return write_file_atomically(out, write)
+
+
+def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, calib_samples: int,
+          progress: bool) -> dict:
+    """export/gguf_gptq.py's tensors for `model`, calibrated on `calib_data`'s training split."""
+    from fanformer.export.gguf_gptq import gptq_tensors
+    from fanformer.quant.calibration import calibration_tokens
+    from fanformer.quant.config import GPTQConfig
+
+    config = GPTQConfig(bits=4, calib_samples=calib_samples).for_model(model.config.max_seq_len)
+    if names.WEIGHT_TYPES[type][0] != GGMLQuantizationType.Q4_K:
+        log.warning("GPTQ runs on Q4_K's grid only (q4_k_s, q4_k_m); the %s tensors are quantized with each "
+                    "layer's Hessian diagonal as their importance matrix instead, block by block", type)
+    windows = calibration_tokens(load_tokenizer(checkpoint), calib_data, config.calib_samples, config.calib_seq_len)
+    return gptq_tensors(model, type, windows, config, progress)

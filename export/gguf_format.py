@@ -201,12 +201,26 @@ class GGUFOptions:
                      choices=(ARCH, LLAMA_ARCH))
     imatrix: str | None = knob(None, "importance matrix (llama.cpp's imatrix GGUF, from `fanformer imatrix` or "
                                      "llama-imatrix) weighting the rounding error of q* and k-quant types")
+    gptq: bool = knob(False, "GPTQ on Q4_K's grid (q4_k_s/q4_k_m; other types: Hessian-weighted), calibrated on "
+                             "--calib-data; the float checkpoint only")
+    calib_data: tuple[str, ...] = knob((), "--gptq: corpus files/folders/globs whose TRAINING split calibrates "
+                                           "(default: the Python standard library; repeatable)")
+    calib_samples: int = knob(128, "--gptq: calibration windows")
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in WEIGHT_TYPES:
             raise FANformerError(f"unsupported GGUF type {self.type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
         if self.arch not in (ARCH, LLAMA_ARCH):
             raise FANformerError(f"unsupported GGUF architecture {self.arch!r}; choose one of {ARCH}, {LLAMA_ARCH}")
+        if self.gptq and self.imatrix is not None:
+            raise FANformerError("--gptq measures the layers' full Hessians itself; drop --imatrix")
+        if self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in ("f32", "f16", "bf16"):
+            raise FANformerError(f"--gptq only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
+        if not self.gptq and (self.calib_data or self.calib_samples != 128):
+            raise FANformerError("--calib-data and --calib-samples only apply with --gptq (for an importance "
+                                 "matrix, run `fanformer imatrix` and pass --imatrix)")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise FANformerError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in ("f32", "f16", "bf16"):
             raise FANformerError(f"--imatrix only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
 
@@ -222,6 +236,8 @@ def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
     parts.append(options.type or carried or DEFAULT_WEIGHT_TYPE)
     if options.imatrix is not None:
         parts.append("imatrix")
+    if options.gptq:
+        parts.append("gptq")
     return checkpoint.with_name("-".join(parts) + FILE_SUFFIX)
 
 
@@ -230,7 +246,8 @@ def write(checkpoint: Path, out: Path, options: GGUFOptions, force: bool, valida
 
     # No check runs here (`validate` is not called): the GGUF tests and the drift table run the file.
     return export_gguf(checkpoint, out, type=options.type or DEFAULT_WEIGHT_TYPE, arch=options.arch,
-                       imatrix=options.imatrix, force=force)
+                       imatrix=options.imatrix, gptq=options.gptq, calib_data=list(options.calib_data) or None,
+                       calib_samples=options.calib_samples, force=force)
 
 
 register(ExportFormat("gguf", "one file for llama.cpp-style runtimes", GGUFOptions, default_output, write))

@@ -175,6 +175,18 @@ def imatrix_exported(type: str) -> Build:
     return build
 
 
+def gptq_exported(type: str) -> Build:
+    """The GGUF export with GPTQ on Q4_K's grid (export/gguf_gptq.py), calibrated on the
+    context's corpus and windows."""
+    def build(context: BuildContext, source: Path, out: Path) -> None:
+        from fanformer.export import export
+
+        export(source, "gguf", out, force=True, type=type, gptq=True, calib_data=tuple(context.data or ()),
+               calib_samples=context.calib_samples or 128)
+
+    return build
+
+
 # --- The registry ----------------------------------------------------------------------
 
 VARIANTS: dict[str, Variant] = {}
@@ -225,6 +237,8 @@ for _type, _bits in (("q6_k", 6), ("q4_k_m", 4), ("iq4_xs", 4)):
          GGUF_FILE.format(f"gguf-{_type}"), devices=CPU)
 _add("gguf-q4_k_m-imatrix", "gguf", "Q4_K_M with an importance matrix", 4, imatrix_exported("q4_k_m"),
      GGUF_FILE.format("gguf-q4_k_m-imatrix"), devices=CPU)
+_add("gguf-q4_k_m-gptq", "gguf", "Q4_K_M, GPTQ on Q4_K's grid", 4, gptq_exported("q4_k_m"),
+     GGUF_FILE.format("gguf-q4_k_m-gptq"), devices=CPU)
 _add("gptq-w4g32-gguf", "gguf", "GPTQ g32 carried into q4_0", 4, exported("gguf"), GGUF_FILE.format("gptq-w4g32"),
      source="gptq-w4g32", devices=CPU)
 _add("gptq-w4g128-onnx", "onnx", "GPTQ g128 carried into MatMulNBits", 4, exported("onnx"), source="gptq-w4g128",
