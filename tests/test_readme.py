@@ -103,6 +103,8 @@ def shrink(command: str) -> list[str]:
     added = dict(ADD.get(key, {}))
     if key == "quantize" and any(m in argv for m in ("gptq", "awq")):
         added = CALIBRATED
+    if key == "export" and "--gptq" in argv:
+        added = {"--calib-data": "corpus", "--calib-samples": "4"}
     if key == "train" and "--resume" in argv:
         added["--max-steps"] = "5"  # on from the 3 steps it stopped at
     for flag, value in added.items():
