@@ -145,6 +145,15 @@ class Server:
             return error_response(400, f"{'.'.join(where) or 'body'}: {first.get('msg')}",
                                   param=where[0] if where else None)
 
+        @app.exception_handler(FANformerError)
+        async def user_error(request, err: FANformerError):
+            return error_response(400, str(err))
+
+        @app.exception_handler(Exception)
+        async def bug(request, err: Exception):  # never bad input: that is a 4xx above
+            log.error("request failed", exc_info=err)
+            return error_response(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+
         @app.exception_handler(HTTPException)
         async def http_error(request, err: HTTPException):
             kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
@@ -165,7 +174,7 @@ class Server:
 
         @app.post("/tokenize")
         async def tokenize(body: TokenizeRequest):
-            ids = self.backend.tokenizer.encode(body.content).ids
+            ids = self._encode(body.content, "content")
             if body.with_pieces:
                 return {"tokens": [{"id": i, "piece": self.backend.tokenizer.decode([i])} for i in ids]}
             return {"tokens": ids}
@@ -198,6 +207,13 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON ("\\udcff"): no text to tokenize
+            raise APIError(400, f"{param}: the text is not valid Unicode (a lone surrogate)", param=param) from None
+        return self.backend.tokenizer.encode(text).ids
+
     def _check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.backend.info.vocab_size
         if any(not 0 <= i < vocab for i in ids):
@@ -213,7 +229,7 @@ class Server:
             raise APIError(400, "prompt: give at least one prompt", param="prompt")
         prompts = []
         for p in prompt:
-            ids = self.backend.tokenizer.encode(p).ids if isinstance(p, str) else list(p)
+            ids = self._encode(p, "prompt") if isinstance(p, str) else list(p)
             self._check_ids(ids, "prompt")
             if not ids:
                 raise APIError(400, "prompt: an empty prompt has nothing to continue", param="prompt")
