@@ -59,6 +59,7 @@ class Event:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
+    internal: bool = False  # the error is a bug, not the request's fault
 
 
 class Sequence:
@@ -81,10 +82,10 @@ class Sequence:
 
 
 class Job:
-    """One request's sequences and where their events go. `emit(event)` is called from
-    the worker thread; it must not block."""
+    """One request's sequences and where their events go: `emit(events)` is called from
+    the worker thread with each step's events of the job; it must not block."""
 
-    def __init__(self, sequences: list[Sequence], emit: Callable[[Event], None]):
+    def __init__(self, sequences: list[Sequence], emit: Callable[[list[Event]], None]):
         self.sequences = sequences
         self.emit = emit
         self.cancelled = False
@@ -161,7 +162,7 @@ class Scheduler:
                 for job, seq in kept + admitted:
                     if seq.out.finish is None:
                         seq.out.finish = "error"
-                        job.emit(Event(seq.index, error=str(err)))
+                        job.emit([Event(seq.index, error=str(err), internal=not isinstance(err, FANformerError))])
                 self._active, self._cache, self._held = [], None, 0
 
     def _step(self, kept: list[tuple[Job, Sequence]], admitted: list[tuple[Job, Sequence]]) -> None:
@@ -201,12 +202,12 @@ class Scheduler:
         every = any(s.prompt_logprobs for _, s in admitted)
         cache = self.backend.new_cache(len(prompts))
         logits = self.backend.prefill(cache, input_ids, mask, last_only=not every).float().cpu()
-        for i, (job, seq) in enumerate(admitted):
+        for i, (_, seq) in enumerate(admitted):
             if seq.prompt_logprobs:
                 start = width - len(seq.prompt_ids)
                 seq.prompt_tokens = [None] + [self._token_info(logits[i, start + t - 1], seq.prompt_ids[t], seq.logprobs)
                                               for t in range(1, len(seq.prompt_ids))]
-            self._sample(job, seq, logits[i, -1:])
+        self._sample(admitted, logits[:, -1])
         return cache, width
 
     def _decode(self) -> None:
@@ -217,25 +218,35 @@ class Scheduler:
             mask[i, self._held + 1 - seq.length:] = 1  # its prompt and sampled tokens, right-aligned
         logits = self.backend.decode(self._cache, tokens, mask)[:, -1].float().cpu()
         self._held += 1
-        for i, (job, seq) in enumerate(self._active):
-            if not job.cancelled:
-                self._sample(job, seq, logits[i:i + 1])
+        self._sample(self._active, logits)
 
-    def _sample(self, job: Job, seq: Sequence, logits: torch.Tensor) -> None:
-        """`generate`'s step for one row: logits (1, vocab) -> the next token, text, events."""
-        info, config = self.backend.info, seq.config
-        processed = process_logits(logits, config, seq.seen, torch.tensor([seq.length]), info.eos_id)
-        token = int(next_tokens(processed, config.temperature, [seq.generator])[0])
-        seq.seen[0, token] = True
-        seq.length += 1
-        seq.pending = token
-        _advance(seq.out, token, seq.length, self.backend.tokenizer, info, config)
-        tokens = [] if seq.logprobs is None or token == info.eos_id else \
-            [self._token_info(logits[0], token, seq.logprobs)]
-        texts = []
-        _stream(seq.out, seq.index, config.stop, lambda _, delta: texts.append(delta))
-        if texts or tokens or seq.out.finish is not None:
-            job.emit(Event(seq.index, "".join(texts), tokens, seq.out.finish))
+    def _sample(self, rows: list[tuple[Job, Sequence]], logits: torch.Tensor) -> None:
+        """`generate`'s step for each row: logits (B, vocab) -> next tokens, text, events.
+        Row by row: on (1, vocab) no torch op is large enough to wake its thread pool, which
+        on a busy CPU costs milliseconds a call (each row draws from its own generator
+        anyway, as in `generate`)."""
+        info = self.backend.info
+        chosen: dict[int, int] = {}
+        for i, (job, seq) in enumerate(rows):
+            if not job.cancelled:
+                processed = process_logits(logits[i:i + 1], seq.config, seq.seen, torch.tensor([seq.length]),
+                                           info.eos_id)
+                chosen[i] = int(next_tokens(processed, seq.config.temperature, [seq.generator])[0])
+        events: dict[int, tuple[Job, list[Event]]] = {}
+        for i, token in sorted(chosen.items()):
+            job, seq = rows[i]
+            seq.seen[0, token] = True
+            seq.length += 1
+            seq.pending = token
+            _advance(seq.out, token, seq.length, self.backend.tokenizer, info, seq.config)
+            tokens = [] if seq.logprobs is None or token == info.eos_id else \
+                [self._token_info(logits[i], token, seq.logprobs)]
+            texts = []
+            _stream(seq.out, seq.index, seq.config.stop, lambda _, delta: texts.append(delta))
+            if texts or tokens or seq.out.finish is not None:
+                events.setdefault(id(job), (job, []))[1].append(Event(seq.index, "".join(texts), tokens, seq.out.finish))
+        for job, batch in events.values():
+            job.emit(batch)
 
     @staticmethod
     def _token_info(logits: torch.Tensor, token: int, top: int) -> TokenInfo:

@@ -58,8 +58,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict:
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind)
+        return JSONResponse({"error": self.body()}, self.status)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -284,9 +287,9 @@ class Server:
                                           logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(event: Event) -> None:  # called in the scheduler's thread
+        def emit(batch: list[Event]) -> None:  # called in the scheduler's thread, once a step
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(events.put_nowait, batch)
             except RuntimeError:  # the loop is closed: the server is stopping
                 pass
 
@@ -305,34 +308,46 @@ class Server:
         disconnect = asyncio.ensure_future(_disconnected(request))
         try:
             while not response.done():
-                next_event = asyncio.ensure_future(events.get())
-                await asyncio.wait([next_event, disconnect], return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():
-                    next_event.cancel()
+                next_batch = asyncio.ensure_future(events.get())
+                await asyncio.wait([next_batch, disconnect], return_when=asyncio.FIRST_COMPLETED)
+                if not next_batch.done():
+                    next_batch.cancel()
                     self.scheduler.cancel(job)
                     return error_response(499, "the client closed the request")
-                response.add(next_event.result())
+                for event in next_batch.result():
+                    response.add(event)
         finally:
             disconnect.cancel()
         if response.error:
-            raise APIError(400, response.error)
+            raise response.error
         return response.body()
 
     async def _stream(self, job: Job, events: asyncio.Queue, response: "Response"):
-        """Server-sent events; a client that goes away ends the generator, which drops the job."""
+        """Server-sent events; a client that goes away ends the generator, which drops the job.
+        Steps that queued up while the client read are sent as one chunk per choice."""
         try:
             if response.echo:
                 for seq in response.sequences:
                     yield _sse(response.chunk(seq.index, response.prompt_text(seq), response.prompt_logprobs(seq)))
             while not response.done():
-                event = await events.get()
-                response.add(event)
-                if event.error:
-                    yield _sse({"error": {"message": event.error, "type": "invalid_request_error", "param": None,
-                                          "code": None}})
+                batch = await events.get()
+                while not events.empty():
+                    batch += events.get_nowait()
+                merged: dict[int, Event] = {}
+                for event in batch:
+                    response.add(event)
+                    if event.error:
+                        break
+                    into = merged.setdefault(event.index, Event(event.index))
+                    into.text += event.text
+                    into.tokens += event.tokens
+                    into.finish = event.finish
+                if response.error:
+                    yield _sse({"error": response.error.body()})
                     break
-                yield _sse(response.chunk(event.index, event.text, response.logprobs_of(event.index, event.tokens),
-                                          FINISH.get(event.finish)))
+                for event in merged.values():
+                    yield _sse(response.chunk(event.index, event.text, response.logprobs_of(event.index, event.tokens),
+                                              FINISH.get(event.finish)))
             if (response.stream_options or {}).get("include_usage"):
                 yield _sse({**response.header(), "choices": [], "usage": response.usage()})
             yield "data: [DONE]\n\n"
@@ -361,15 +376,16 @@ class Response:
         self.texts = {s.index: "" for s in sequences}
         self.tokens = {s.index: [] for s in sequences}
         self.finish: dict[int, str] = {}
-        self.error: str | None = None
+        self.error: APIError | None = None
         self.offsets = {s.index: len(self.prompt_text(s)) if self.echo else 0 for s in sequences}
 
     def done(self) -> bool:
         return self.error is not None or len(self.finish) == len(self.sequences)
 
     def add(self, event: Event) -> None:
-        if event.error:
-            self.error = event.error
+        if event.error:  # a FANformerError is about the request; anything else is a bug
+            self.error = APIError(500 if event.internal else 400, event.error,
+                                  kind="server_error" if event.internal else "invalid_request_error")
             return
         self.texts[event.index] += event.text
         self.tokens[event.index] += event.tokens
