@@ -57,10 +57,10 @@ def start_server(model: str, max_batch: int, threads: int | None) -> tuple[subpr
     raise SystemExit("the server did not start within 120 s")
 
 
-async def one_request(client: openai.AsyncOpenAI, k: int, max_tokens: int) -> dict:
+async def one_request(client: openai.AsyncOpenAI, k: int, max_tokens: int, temperature: float) -> dict:
     start, first, text, tokens = time.perf_counter(), None, [], 0
     stream = await client.completions.create(model=MODEL, prompt=PROMPTS[k % len(PROMPTS)], max_tokens=max_tokens,
-                                             temperature=0.8, seed=k, stream=True,
+                                             temperature=temperature, seed=k, stream=True,
                                              stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -72,7 +72,8 @@ async def one_request(client: openai.AsyncOpenAI, k: int, max_tokens: int) -> di
     return {"k": k, "latency": end - start, "ttft": (first or end) - start, "tokens": tokens, "text": "".join(text)}
 
 
-async def run_load(url: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+async def run_load(url: str, clients: int, requests: int, max_tokens: int, temperature: float,
+                   time_limit: float) -> dict:
     client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     deadline = time.monotonic() + time_limit
     results, failures = [], []
@@ -83,7 +84,7 @@ async def run_load(url: str, clients: int, requests: int, max_tokens: int, time_
                 return
             k = c * requests + r
             try:
-                results.append(await one_request(client, k, max_tokens))
+                results.append(await one_request(client, k, max_tokens, temperature))
             except Exception as err:  # a lost or refused request is a result of the benchmark
                 failures.append(f"request {k}: {type(err).__name__}: {err}")
 
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after another (default 4)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch (default 16)")
     parser.add_argument("--time-limit", type=float, default=300, help="no new request after this many seconds of a "
                         "run (default 300)")
@@ -124,9 +126,9 @@ def main() -> None:
     for mode, max_batch in (("batched", args.max_batch), ("sequential", 1)):
         process, url = start_server(args.model, max_batch, args.threads)
         try:
-            asyncio.run(run_load(url, 1, 1, args.max_tokens, args.time_limit))  # warm-up: first graphs, caches
+            asyncio.run(run_load(url, 1, 1, args.max_tokens, args.temperature, args.time_limit))  # warm-up: first graphs, caches
             for n in args.clients:
-                run = asyncio.run(run_load(url, n, args.requests, args.max_tokens, args.time_limit))
+                run = asyncio.run(run_load(url, n, args.requests, args.max_tokens, args.temperature, args.time_limit))
                 rows.append((mode, n, summary(run)))
                 for failure in run["failures"]:
                     print(f"{mode} N={n}: {failure}", file=sys.stderr)
@@ -138,7 +140,7 @@ def main() -> None:
             process.wait(timeout=30)
 
     print(f"model {os.path.basename(args.model)}, {args.requests} requests per client, {args.max_tokens} tokens each, "
-          f"temperature 0.8, streamed")
+          f"temperature {args.temperature}, streamed, engine threads {args.threads or 'default'}")
     print("| server | N | requests | failed | requests/s | tokens/s | latency p50 / p99 s | TTFT p50 / p99 s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode, n, s in rows:
