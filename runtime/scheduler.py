@@ -157,13 +157,16 @@ class Scheduler:
             try:
                 self._step(kept, admitted)
             except Exception as err:  # a failed step fails its sequences, never the server
-                if not isinstance(err, FANformerError):
-                    log.exception("decode step failed")
-                for job, seq in kept + admitted:
-                    if seq.out.finish is None:
-                        seq.out.finish = "error"
-                        job.emit([Event(seq.index, error=str(err), internal=not isinstance(err, FANformerError))])
+                self._fail(kept + admitted, err)
                 self._active, self._cache, self._held = [], None, 0
+
+    def _fail(self, rows: list[tuple[Job, Sequence]], err: Exception) -> None:
+        if not isinstance(err, FANformerError):
+            log.exception("a step of the batch failed", exc_info=err)
+        for job, seq in rows:
+            if seq.out.finish is None:
+                seq.out.finish = "error"
+                job.emit([Event(seq.index, error=str(err), internal=not isinstance(err, FANformerError))])
 
     def _step(self, kept: list[tuple[Job, Sequence]], admitted: list[tuple[Job, Sequence]]) -> None:
         """Let go of finished rows, take the admitted ones in, then one decode step for all."""
@@ -173,7 +176,11 @@ class Scheduler:
             rows = [i for i, (_, seq) in enumerate(self._active) if id(seq) in keep]
             parts.append((self._cache, rows, self._held, len(self._active)))
         if admitted:
-            cache, width = self._prefill(admitted)
+            try:
+                cache, width = self._prefill(admitted)
+            except Exception as err:  # the newcomers fail; the running batch goes on
+                self._fail(admitted, err)
+                cache, width, admitted = None, 0, []
             rows = [i for i, (_, seq) in enumerate(admitted) if seq.out.finish is None]
             parts.append((cache, rows, width, len(admitted)))
             admitted = [admitted[i] for i in rows]

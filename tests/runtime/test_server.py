@@ -247,6 +247,36 @@ def test_disconnected_clients_leave_the_batch(backend, monkeypatch):
         assert client.completions.create(**{**request, "max_tokens": 4}).choices[0].text  # still serving
 
 
+def test_a_failing_step_fails_only_its_request(backend, monkeypatch):
+    """A prefill that raises fails the requests it was for (400 for a FANformerError, 500
+    for a bug), while a request already decoding finishes as if nothing happened."""
+    from fanformer.errors import FANformerError
+
+    prefill, decode = backend.prefill, backend.decode
+    poison, bug = backend.tokenizer.encode("cos").ids[0], backend.tokenizer.encode("sin").ids[0]
+
+    def failing(cache, input_ids, mask, last_only=False):
+        if poison in input_ids:
+            raise FANformerError("this prompt cannot run")
+        if bug in input_ids:
+            raise RuntimeError("a bug")
+        return prefill(cache, input_ids, mask, last_only)
+
+    monkeypatch.setattr(backend, "prefill", failing)
+    monkeypatch.setattr(backend, "decode", lambda *args: time.sleep(0.01) or decode(*args))  # still running meanwhile
+    request = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0)
+    with ServerThread(backend, MODEL) as url, ThreadPoolExecutor(1) as pool:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        running = pool.submit(client.completions.create, **request)
+        for prompt, status in (("cos", 400), ("sin", 500)):
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+            assert failed.value.status_code == status and set(failed.value.body) == {"message", "type", "param",
+                                                                                     "code"}
+        assert running.result().choices[0].text == expected(backend, PROMPTS[0], max_new_tokens=40,
+                                                             temperature=0).text
+
+
 # --- Bad input ---------------------------------------------------------------------------
 
 BAD = [
