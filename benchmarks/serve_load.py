@@ -109,6 +109,29 @@ def summary(run: dict) -> dict:
             "ttft50": statistics.median(ttfts) if ttfts else float("nan"), "ttft99": percentile(ttfts, 99)}
 
 
+def decode_ceiling(model: str, threads: int | None, batches: list[int], steps: int = 32) -> dict[int, float]:
+    """Tokens/s of the backend's decode step alone at each batch size (no HTTP, no sampling,
+    best of 3): what batching can gain at most on this machine."""
+    import torch
+
+    from fanformer.runtime import load_backend
+
+    backend = load_backend(model, device="cpu", **({"threads": threads} if threads else {}))
+    ceiling = {}
+    for batch in batches:
+        best = float("inf")
+        for _ in range(3):
+            cache = backend.new_cache(batch)
+            ids = torch.randint(3, backend.info.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(0))
+            backend.prefill(cache, ids, torch.ones_like(ids), last_only=True)
+            start = time.perf_counter()
+            for step in range(steps):
+                backend.decode(cache, ids[:, -1:], torch.ones((batch, 33 + step), dtype=torch.long))
+            best = min(best, time.perf_counter() - start)
+        ceiling[batch] = batch * steps / best
+    return ceiling
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="any model form fanformer serve loads (e.g. a q4_0 GGUF file)")
@@ -152,6 +175,10 @@ def main() -> None:
         if ("batched", n) in by and ("sequential", n) in by and one:
             print(f"N={n}: batched tokens/s = {by[('batched', n)]['tok_s'] / by[('sequential', n)]['tok_s']:.2f}x "
                   f"sequential, {by[('batched', n)]['tok_s'] / one['tok_s']:.2f}x batched N=1")
+    ceiling = decode_ceiling(args.model, args.threads, args.clients)
+    print("decode step alone (in-process, best of 3): " + ", ".join(
+        f"batch {n}: {tok_s:.0f} tokens/s" for n, tok_s in ceiling.items()) +
+        f"; batch {max(ceiling)} / batch 1 = {ceiling[max(ceiling)] / ceiling[min(ceiling)]:.2f}x")
     differ = [key for key, pair in texts.items() if len(pair) == 2 and pair["batched"] != pair["sequential"]]
     print(f"texts equal between the two servers: {len(texts) - len(differ)} of {len(texts)} requests")
 
