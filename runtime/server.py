@@ -274,10 +274,12 @@ class Server:
         unsupported = body.unsupported()
         if unsupported:
             raise APIError(400, f"{unsupported} is not supported by this server; leave it out", param=unsupported)
-        prompts = self._prompts(body.prompt)
-        if len(prompts) * body.n > self.scheduler.max_queue:
-            raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more sequences than the queue holds "
+        count = 1 if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)) \
+            else len(body.prompt)
+        if count * body.n > self.scheduler.max_queue:  # before tokenizing what could never run
+            raise APIError(400, f"{count} prompts x n={body.n} is more sequences than the queue holds "
                            f"({self.scheduler.max_queue}); send fewer at a time", param="n")
+        prompts = self._prompts(body.prompt)
         base_seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 62)
         sequences = []
         for p, ids in enumerate(prompts):

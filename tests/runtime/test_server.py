@@ -69,6 +69,8 @@ class JoinSpy:
 
     def __init__(self, backend, monkeypatch):
         self.joins, self.widest = 0, 0
+        self.gate = threading.Event()  # decode steps wait while it is clear
+        self.gate.set()
         join, decode = backend.join_caches, backend.decode
 
         def counted_join(parts, length):
@@ -76,6 +78,7 @@ class JoinSpy:
             return join(parts, length)
 
         def watched_decode(cache, tokens, mask):
+            self.gate.wait(30)
             self.widest = max(self.widest, tokens.shape[0])
             return decode(cache, tokens, mask)
 
@@ -155,7 +158,7 @@ def requests_mix():
                  temperature=0 if i % 3 == 0 else 1.1, seed=i) for i in range(10)]
 
 
-def test_concurrent_requests_equal_sequential_ones_and_are_batched(client, backend, monkeypatch):
+def test_concurrent_requests_equal_sequential_ones_and_are_batched(client, server, backend, monkeypatch):
     spy = JoinSpy(backend, monkeypatch)
     sequential = [client.completions.create(model=MODEL, **r).choices[0].text for r in requests_mix()]
     assert spy.widest == 1  # one at a time: nothing to batch
@@ -165,8 +168,12 @@ def test_concurrent_requests_equal_sequential_ones_and_are_batched(client, backe
         start.wait()
         return client.completions.create(model=MODEL, **request).choices[0].text
 
+    spy.gate.clear()  # the first step waits until all ten have arrived, so that they surely overlap
     with ThreadPoolExecutor(len(requests_mix())) as pool:
-        concurrent = list(pool.map(send, requests_mix()))
+        replies = pool.map(send, requests_mix())
+        assert wait_for(lambda: sum(health(server)[k] for k in ("running", "waiting")) == len(requests_mix()))
+        spy.gate.set()
+        concurrent = list(replies)
     assert concurrent == sequential
     assert sequential == [expected(backend, r["prompt"], max_new_tokens=r["max_tokens"], temperature=r["temperature"],
                                    seed=r["seed"]).text for r in requests_mix()]
@@ -252,7 +259,7 @@ def test_a_failing_step_fails_only_its_request(backend, monkeypatch):
     for a bug), while a request already decoding finishes as if nothing happened."""
     from fanformer.errors import FANformerError
 
-    prefill, decode = backend.prefill, backend.decode
+    prefill, decode, gate = backend.prefill, backend.decode, threading.Event()
     poison, bug = backend.tokenizer.encode("cos").ids[0], backend.tokenizer.encode("sin").ids[0]
 
     def failing(cache, input_ids, mask, last_only=False):
@@ -263,18 +270,23 @@ def test_a_failing_step_fails_only_its_request(backend, monkeypatch):
         return prefill(cache, input_ids, mask, last_only)
 
     monkeypatch.setattr(backend, "prefill", failing)
-    monkeypatch.setattr(backend, "decode", lambda *args: time.sleep(0.01) or decode(*args))  # still running meanwhile
+    monkeypatch.setattr(backend, "decode", lambda *args: gate.wait(30) and decode(*args))
     request = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0)
-    with ServerThread(backend, MODEL) as url, ThreadPoolExecutor(1) as pool:
+    with ServerThread(backend, MODEL) as url, ThreadPoolExecutor(2) as pool:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         running = pool.submit(client.completions.create, **request)
-        for prompt, status in (("cos", 400), ("sin", 500)):
-            with pytest.raises(openai.APIStatusError) as failed:
-                client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
-            assert failed.value.status_code == status and set(failed.value.body) == {"message", "type", "param",
-                                                                                     "code"}
+        assert wait_for(lambda: health(url)["running"] == 1)  # held in its first decode step
+        poisoned = pool.submit(client.completions.create, model=MODEL, prompt="cos", max_tokens=4)
+        assert wait_for(lambda: health(url)["waiting"] == 1)  # joins the batch after that step
+        gate.set()
+        with pytest.raises(openai.APIStatusError) as failed:
+            poisoned.result()
+        assert failed.value.status_code == 400 and failed.value.body["message"] == "this prompt cannot run"
         assert running.result().choices[0].text == expected(backend, PROMPTS[0], max_new_tokens=40,
                                                              temperature=0).text
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model=MODEL, prompt="sin", max_tokens=4)
+        assert failed.value.status_code == 500 and failed.value.body["type"] == "server_error"
 
 
 # --- Bad input ---------------------------------------------------------------------------
@@ -367,18 +379,23 @@ def test_every_model_form_serves(forms, form, monkeypatch):
         pytest.importorskip("onnxruntime_genai")
     path, options = forms[form]
     backend = load_backend(path, device="cpu", **options)
-    spy = JoinSpy(backend, monkeypatch) if backend.batching else None
+    spy = JoinSpy(backend, monkeypatch)
     with ServerThread(backend, MODEL) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         mix = requests_mix()[:4]
+        spy.gate.clear()  # all four arrive before the first decode step
         with ThreadPoolExecutor(len(mix)) as pool:
-            texts = list(pool.map(lambda r: client.completions.create(model=MODEL, **r).choices[0].text, mix))
+            replies = pool.map(lambda r: client.completions.create(model=MODEL, **r).choices[0].text, mix)
+            assert wait_for(lambda: sum(health(url)[k] for k in ("running", "waiting")) == len(mix))
+            spy.gate.set()
+            texts = list(replies)
         streamed = "".join(c.choices[0].text for c in client.completions.create(
             model=MODEL, stream=True, **mix[1]))
     assert texts == [expected(backend, r["prompt"], max_new_tokens=r["max_tokens"], temperature=r["temperature"],
                               seed=r["seed"]).text for r in mix]
     assert streamed == texts[1]
     assert backend.batching == form.startswith(("quantized", "gguf"))  # ONNX and genai serve one at a time
+    assert (spy.widest > 1 and spy.joins > 0) == backend.batching
 
 
 # --- The command -------------------------------------------------------------------------
