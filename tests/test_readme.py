@@ -44,6 +44,8 @@ SHRINK = [
     (r"--calib-samples \d+", "--calib-samples 4"),
     (r"--calib-seq-len \d+", "--calib-seq-len 32"),
     (r"--data corpus/", "--data corpus"),
+    (r"--requests \d+", "--requests 1"),
+    (r"--repeat \d+", "--repeat 1"),
 ]
 # ... and flags added where a command leaves them out (None: a flag without a value).
 ADD = {
@@ -56,6 +58,7 @@ ADD = {
     "experiment": {"--steps": "3", "--seeds": "1", "--jobs": "1"},
     "benchmarks/quant_drift.py": {"--max-tokens": "300", "--calib-samples": "4", "--calib-seq-len": "32"},
     "benchmarks/quantize.py": {"--calib-samples": "4", "--calib-seq-len": "32"},
+    "benchmarks/serve_load.py": {"--max-tokens": "8", "--clients": "2"},
 }
 CALIBRATED = {"--calib-data": "corpus", "--calib-samples": "4", "--calib-seq-len": "32"}
 PYTHON_SHRINK = [
