@@ -24,11 +24,10 @@ import hashlib
 import numpy as np
 import onnx
 import torch
-import torch.nn as nn
 from onnx import helper, numpy_helper
 
 from fanformer.errors import FANformerError
-from fanformer.quant.linear import QuantLinear, set_module
+from fanformer.quant.linear import QuantLinear
 from fanformer.quant.packing import unpack
 
 CARRY_BITS = (4, 8)
@@ -90,25 +89,11 @@ def layer_integers(layer: QuantLinear) -> dict:
             "zero_points": np.ascontiguousarray(zp), "K": k, "N": n, "bits": bits, "block_size": block}
 
 
-def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
-    """`model` with each QuantLinear replaced by an nn.Linear of its dequantized weight;
-    returns the model and the QuantLinears by name."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, layer in layers.items():
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(layer.dequantized_weight())
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias.float())
-        set_module(model, name, linear)
-    return model, layers
-
-
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def carry_into(path, layers: dict[str, QuantLinear]) -> int:
+def carry_into(path, layers: dict[str, QuantLinear], accuracy_level: int = 0) -> int:
     """Replace in the ONNX file `path` each MatMul by one quantized layer's dequantized
     weight with a MatMulNBits node holding that layer's integers; returns how many.
     Every quantized layer must be found (by the exact values of its W^T initializer)."""
@@ -149,7 +134,7 @@ def carry_into(path, layers: dict[str, QuantLinear]) -> int:
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
             list(node.output), name=f"{node.name or name}_MatMulNBits", domain=MS_DOMAIN,
-            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"]))
+            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level))
         for n in names:
             found.setdefault(n, []).append(node.name)
     missing = sorted(set(layers) - set(found))

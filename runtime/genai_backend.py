@@ -39,7 +39,7 @@ class GenaiBackend(Backend):
     """Options: device cpu|auto (the onnxruntime-genai package is the CPU build here). The
     folder runs in the dtype it was exported in, so a dtype cannot be chosen."""
 
-    def __init__(self, path: Path, dtype: str | None = None, device: str = "cpu"):
+    def __init__(self, path: Path, dtype: str | None = None, device: str = "cpu", threads: int = 0):
         try:
             import onnxruntime_genai as og
         except ImportError:
@@ -54,7 +54,7 @@ class GenaiBackend(Backend):
         if device not in ("cpu", "auto"):
             raise FANformerError(f"the genai backend runs on the CPU here; use --device cpu, not {device!r}")
         self.og = og
-        self.model = load_model(og, folder)
+        self.model = load_model(og, folder, threads)
         self.config = FANformerConfig.from_file(folder)
         self.tokenizer = load_tokenizer(folder)
         self.generation_defaults = load_generation_config(folder)

@@ -41,7 +41,7 @@ from fanformer.export import gguf_format as names
 from fanformer.export.gguf_read import Metadata, config_from_metadata, llama_unpermute, open_gguf, tokenizer_from_metadata
 from fanformer.model import FANformer, KVCache
 from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
-from fanformer.runtime.gguf_layers import (FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
+from fanformer.runtime.gguf_layers import (DEQUANTIZED_TYPES, FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
                                            dequantize, make_linear)
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class GGUFBackend(Backend):
         """A tensor as stored, checked against the shape the config implies: a torch view
         of the memory map, (rows, n) for float types and (rows, row bytes) for q* types."""
         qtype, gguf_shape = tensor.tensor_type, _gguf_shape(tensor)
-        allowed = FLOAT_TYPES if len(shape) == 1 else FLOAT_TYPES + QUANT_TYPES
+        allowed = FLOAT_TYPES if len(shape) == 1 else FLOAT_TYPES + QUANT_TYPES + DEQUANTIZED_TYPES
         if qtype not in allowed:
             raise FANformerError(f"{path}: tensor {tensor.name} is {qtype.name}; a {len(shape)}-D tensor must be one of "
                                  f"{', '.join(t.name for t in allowed)}")

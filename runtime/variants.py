@@ -45,10 +45,10 @@ class Variant:
 
     def load_options(self, device: str, threads: int | None = None) -> dict:
         """`load_backend` keyword arguments on `device` (the table's), CPU if it cannot run
-        there; `threads` reaches onnxruntime's and ggml's own thread pools (torch's is
-        process-wide)."""
+        there; `threads` reaches onnxruntime's, onnxruntime-genai's and ggml's own thread
+        pools (torch's is process-wide)."""
         options = {"device": device if device in self.devices else "cpu", **self.load}
-        if threads and self.format in ("onnx", "gguf"):
+        if threads and self.format in ("onnx", "gguf", "genai"):
             options["threads"] = threads
         return options
 
@@ -159,6 +159,34 @@ def exported(format: str, **options) -> Build:
     return build
 
 
+def imatrix_exported(type: str) -> Build:
+    """The GGUF export quantized with the checkpoint's importance matrix, measured once per
+    context on its calibration windows (export/gguf_imatrix.py)."""
+    def build(context: BuildContext, source: Path, out: Path) -> None:
+        from fanformer.export import export
+        from fanformer.export.gguf_imatrix import make_imatrix
+
+        imatrix = context.work / "importance.imatrix.gguf"
+        if not imatrix.exists():
+            make_imatrix(source, imatrix, context.data, context.calib_samples or 64, cache_dir=context.cache_dir,
+                         progress=context.progress)
+        export(source, "gguf", out, force=True, type=type, imatrix=str(imatrix))
+
+    return build
+
+
+def gptq_exported(type: str) -> Build:
+    """The GGUF export with GPTQ on Q4_K's grid (export/gguf_gptq.py), calibrated on the
+    context's corpus and windows."""
+    def build(context: BuildContext, source: Path, out: Path) -> None:
+        from fanformer.export import export
+
+        export(source, "gguf", out, force=True, type=type, gptq=True, calib_data=tuple(context.data or ()),
+               calib_samples=context.calib_samples or 128)
+
+    return build
+
+
 # --- The registry ----------------------------------------------------------------------
 
 VARIANTS: dict[str, Variant] = {}
@@ -192,10 +220,25 @@ _add("gptq-w4g32", "pytorch", "GPTQ, groups of 32", 4, quantized("gptq", bits=4,
 _add("onnx-fp32", "onnx", "fp32", 32, exported("onnx", dtype="fp32"), devices=CPU)
 _add("onnx-fp16", "onnx", "fp16 weights and compute", 16, exported("onnx", dtype="fp16"), devices=CPU)
 _add("onnx-int8", "onnx", "dynamic int8 (MatMulInteger)", 8, exported("onnx", quantize="int8"), devices=CPU)
-_add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32", 4, exported("onnx", quantize="int4"), devices=CPU)
+_add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32, int8 activations (accuracy level 4)", 4,
+     exported("onnx", quantize="int4"), devices=CPU)
+# The export before the fused graph: standard ops, int4 with float activations (accuracy
+# level 0). Against onnx-int4 it shows what the fused graph gains in speed and what level 4
+# costs in drift (the two graphs compute the same logits to float rounding).
+_add("onnx-int4-plain", "onnx", "MatMulNBits int4 with float activations, standard-op graph", 4,
+     exported("onnx", quantize="int4", optimize=False, accuracy_level=0), devices=CPU)
 for _type, _bits in (("f16", 16), ("q8_0", 8), ("q5_0", 5), ("q4_0", 4), ("q4_1", 4)):
     _add(f"gguf-{_type}", "gguf", _type, _bits, exported("gguf", type=_type), GGUF_FILE.format(f"gguf-{_type}"),
          devices=CPU)
+# llama.cpp's most shipped K-quant mixtures and 4-bit i-quant, plain and with an importance
+# matrix (rows not in whole super-blocks of 256 fall back as llama.cpp's do: see the export log).
+for _type, _bits in (("q6_k", 6), ("q4_k_m", 4), ("iq4_xs", 4)):
+    _add(f"gguf-{_type}", "gguf", f"llama.cpp's {_type.upper()} mixture", _bits, exported("gguf", type=_type),
+         GGUF_FILE.format(f"gguf-{_type}"), devices=CPU)
+_add("gguf-q4_k_m-imatrix", "gguf", "Q4_K_M with an importance matrix", 4, imatrix_exported("q4_k_m"),
+     GGUF_FILE.format("gguf-q4_k_m-imatrix"), devices=CPU)
+_add("gguf-q4_k_m-gptq", "gguf", "Q4_K_M, GPTQ on Q4_K's grid", 4, gptq_exported("q4_k_m"),
+     GGUF_FILE.format("gguf-q4_k_m-gptq"), devices=CPU)
 _add("gptq-w4g32-gguf", "gguf", "GPTQ g32 carried into q4_0", 4, exported("gguf"), GGUF_FILE.format("gptq-w4g32"),
      source="gptq-w4g32", devices=CPU)
 _add("gptq-w4g128-onnx", "onnx", "GPTQ g128 carried into MatMulNBits", 4, exported("onnx"), source="gptq-w4g128",

@@ -43,6 +43,7 @@ SHRINK = [
     (r"--max-tokens \d+", "--max-tokens 300"),
     (r"--calib-samples \d+", "--calib-samples 4"),
     (r"--calib-seq-len \d+", "--calib-seq-len 32"),
+    (r"--chunks \d+", "--chunks 4"),
     (r"--data corpus/", "--data corpus"),
     (r"--requests \d+", "--requests 1"),
     (r"--repeat \d+", "--repeat 1"),
@@ -55,6 +56,7 @@ ADD = {
     "drift": {"--max-tokens": "300", "--data": "corpus", "--variants": "gguf-q8_0", "--no-speed": None,
               "--calib-samples": "4"},
     "quantize": {},
+    "imatrix": {"--calib-data": "corpus"},
     "experiment": {"--steps": "3", "--seeds": "1", "--jobs": "1"},
     "benchmarks/quant_drift.py": {"--max-tokens": "300", "--calib-samples": "4", "--calib-seq-len": "32"},
     "benchmarks/quantize.py": {"--calib-samples": "4", "--calib-seq-len": "32"},
@@ -108,6 +110,8 @@ def shrink(command: str) -> list[str]:
     added = dict(ADD.get(key, {}))
     if key == "quantize" and any(m in argv for m in ("gptq", "awq")):
         added = CALIBRATED
+    if key == "export" and "--gptq" in argv:
+        added = {"--calib-data": "corpus", "--calib-samples": "4"}
     if key == "train" and "--resume" in argv:
         added["--max-steps"] = "5"  # on from the 3 steps it stopped at
     for flag, value in added.items():

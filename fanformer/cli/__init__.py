@@ -24,6 +24,7 @@ COMMANDS = {
     "info": ("fanformer.cli.train", "print the config and exact parameter count of a preset or checkpoint"),
     "export": ("fanformer.cli.convert", "export a checkpoint to ONNX or GGUF"),
     "quantize": ("fanformer.cli.convert", "quantize a checkpoint: RTN, GPTQ, AWQ, bitsandbytes int8 or nf4"),
+    "imatrix": ("fanformer.cli.convert", "compute an importance matrix (llama.cpp's imatrix GGUF) for GGUF quantization"),
     "generate": ("fanformer.cli.run", "generate text from any model form, with a KV cache"),
     "eval": ("fanformer.cli.run", "perplexity on held-out text, or drift against a reference"),
     "drift": ("fanformer.cli.run", "the drift table: every variant against the FP16 reference"),
