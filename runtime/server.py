@@ -458,11 +458,28 @@ class Response:
 def serve(backend: Backend, model_name: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 16,
           max_queue: int = 64) -> None:
     """Serve until interrupted (Ctrl-C)."""
+    listening = _listen(host, port)
     server = Server(backend, model_name, max_batch=max_batch, max_queue=max_queue)
+    log.info("serving %s (%s) at http://%s:%d/v1", model_name, backend.info.format, host, listening.getsockname()[1])
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(server.app, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[listening])
     finally:
         server.close()
+        listening.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one clear error, not uvicorn's exit."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as err:
+        raise FANformerError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port "
+                             "or --host") from None
+    return listening
 
 
 class ServerThread:

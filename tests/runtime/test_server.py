@@ -423,5 +423,10 @@ def _up(url: str) -> bool:
         return False
 
 
-def test_cli_errors_are_one_line(cli_fails, tmp_path):
+def test_cli_errors_are_one_line(cli_fails, tmp_path, checkpoint):
     cli_fails(["serve", tmp_path / "missing"], "does not exist")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cli_fails(["serve", checkpoint, "--device", "cpu", "--port", taken.getsockname()[1]], "cannot listen on",
+                  "--port")
