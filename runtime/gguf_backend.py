@@ -39,7 +39,7 @@ from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.export import gguf_format as names
 from fanformer.export.gguf_read import Metadata, config_from_metadata, llama_unpermute, open_gguf, tokenizer_from_metadata
-from fanformer.model import FANformer
+from fanformer.model import FANformer, KVCache
 from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
 from fanformer.runtime.gguf_layers import (DEQUANTIZED_TYPES, FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
                                            dequantize, make_linear)
@@ -231,6 +231,11 @@ class GGUFBackend(Backend):
 
     def new_cache(self, batch_size: int):
         return self.ggml.new_cache(batch_size) if self.ggml is not None else self.module.new_cache()
+
+    batching = True
+
+    def join_caches(self, parts, length):
+        return self.ggml.join_caches(parts, length) if self.ggml is not None else KVCache.join(parts, length)
 
     def forward(self, input_ids, attention_mask, cache):
         return self._run(input_ids, attention_mask, cache, last_only=False)

@@ -28,6 +28,7 @@ COMMANDS = {
     "generate": ("fanformer.cli.run", "generate text from any model form, with a KV cache"),
     "eval": ("fanformer.cli.run", "perplexity on held-out text, or drift against a reference"),
     "drift": ("fanformer.cli.run", "the drift table: every variant against the FP16 reference"),
+    "serve": ("fanformer.cli.serve", "serve a model over HTTP: OpenAI's completions API, batched decoding"),
     "quickstart": ("fanformer.cli.train", "the whole story: train, drift table, a sample"),
     "experiment": ("fanformer.cli.experiments", "run an experiment (modular: leave-square-out)"),
     "analyze": ("fanformer.cli.experiments", "analyse a checkpoint (fourier: spectra of number tokens)"),
