@@ -27,6 +27,7 @@ from fanformer.errors import FANformerError
 from fanformer.outputs import write_directory_atomically
 from fanformer.model import FANformer
 from fanformer.tokenizer import TOKENIZER_FILE
+from fanformer.validate import check_block_count, check_dtype, check_finite, read_json, safetensors_inventory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -113,6 +114,9 @@ def write_checkpoint_files(folder: Path, config: FANformerConfig, tokenizer, wei
 
 
 def load_config(path: str | Path) -> FANformerConfig:
+    """config.json of a checkpoint, checked against its weights file's header (layer count,
+    embedding shape, sizes within the file's bytes) before anything the size of the model
+    is built."""
     path = Path(path)
     if not path.exists():
         raise FANformerError(f"checkpoint {path} does not exist")
@@ -121,15 +125,24 @@ def load_config(path: str | Path) -> FANformerConfig:
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
         raise FANformerError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
-    return FANformerConfig.from_file(path)
+    config = FANformerConfig.from_file(path)
+    weights = path / WEIGHTS_FILE
+    config.check_sizes(weights.stat().st_size, path / CONFIG_FILE)
+    inventory = safetensors_inventory(weights)
+    check_block_count(config.n_layers, inventory, weights)
+    embed = inventory.get("embed.weight")
+    if embed is not None and embed[1] != (config.vocab_size, config.d_model):
+        raise FANformerError(f"{weights}: tensor embed.weight has shape {embed[1]}, config.json implies "
+                             f"{(config.vocab_size, config.d_model)} (vocab_size, d_model)")
+    return config
 
 
 def read_quantization_config(path: str | Path) -> dict | None:
     """config.json's `quantization_config` (a quantized checkpoint), or None (a float one)."""
     try:
         found = json.loads((Path(path) / CONFIG_FILE).read_text()).get(QUANTIZATION_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None  # load_config reports what is wrong with the file
     return found if isinstance(found, dict) else None
 
 
@@ -138,10 +151,7 @@ def load_generation_config(path: str | Path) -> dict:
     file = Path(path) / GENERATION_CONFIG_FILE
     if not file.is_file():
         return {}
-    try:
-        return json.loads(file.read_text())
-    except ValueError as err:
-        raise FANformerError(f"{file} is not valid JSON ({err}); fix or delete it") from None
+    return read_json(file)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -180,6 +190,8 @@ def load_state(model: FANformer, state: dict[str, torch.Tensor], path: Path,
         if tuple(tensor.shape) != tuple(shapes[key].shape):
             raise FANformerError(f"{path / WEIGHTS_FILE}: tensor {key} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(shapes[key].shape)}")
+        check_dtype(key, tensor.dtype, shapes[key].dtype, path / WEIGHTS_FILE)
+        check_finite(key, tensor, path / WEIGHTS_FILE)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -202,8 +214,5 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor] | Non
         raise FANformerError(f"{path} has no training state to resume from (expected {TRAINING_STATE_FILE} "
                              f"and {TRAINER_STATE_FILE}; a run stopped before its first checkpoint "
                              "leaves none): start it again with --force")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        raise FANformerError(f"{state_file} is corrupted ({err})") from None
+    state = read_json(state_file)
     return (None if sharded else load_safetensors(tensors_file)), state
