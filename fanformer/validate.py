@@ -14,6 +14,8 @@ import json
 import os
 import re
 import resource
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -113,3 +115,39 @@ def check_context_fits(n_layers: int, n_kv_heads: int, head_dim: int, max_seq_le
         raise FANformerError(f"{path}: {what} {max_seq_len:,} needs a {need / 2**30:,.1f} GiB KV cache, more than "
                              f"this process may use ({memory_budget() / 2**30:,.1f} GiB); the value is damaged "
                              "or the model too large for this machine")
+
+
+def is_panic(err: BaseException) -> bool:
+    """Whether `err` is pyo3's PanicException, which Rust libraries (tokenizers,
+    safetensors) raise when their code panics. It derives from BaseException, so `except
+    Exception` misses it, and its class (pyo3_runtime.PanicException) is created lazily and
+    cannot be imported ahead of time: it is recognised by name."""
+    return type(err).__name__ == "PanicException"
+
+
+@contextmanager
+def foreign_errors(what: str) -> Iterator[None]:
+    """Turn a third-party library's failure inside the block into one FANformerError,
+    "`what` failed (Type: first line)". MemoryError is left alone: it means a bound was
+    missed, which the fuzz suite must see, not a file problem to report."""
+    try:
+        yield
+    except (FANformerError, MemoryError):
+        raise
+    except Exception as err:
+        raise FANformerError(f"{what} ({_describe(err)})") from None
+    except BaseException as err:
+        if not is_panic(err):
+            raise
+        raise FANformerError(f"{what} ({_describe(err)})") from None
+
+
+def guarded(what: str, call: Callable, *args, **kwargs):
+    """`call(*args, **kwargs)` under `foreign_errors(what)`: one line at a call site."""
+    with foreign_errors(what):
+        return call(*args, **kwargs)
+
+
+def _describe(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else 'no message'}"
