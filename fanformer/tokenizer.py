@@ -135,9 +135,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         special_token_ids(tok)
         # A vocabulary can parse and still fail on use (merges over missing tokens, ids past the
         # vocabulary): one round trip now, so a damaged file fails at load and not mid-generation.
-        tok.decode(tok.encode(_PROBE).ids)
+        tok.decode(tok.encode(PROBE_TEXT).ids)
     return tok
 
 
 # Letters, digits, punctuation, whitespace and multi-byte UTF-8: every pre-tokenizer branch.
-_PROBE = "Hello, world! 123 \t\n def f(x): return x ** 2  # π ≈ 3.14 🙂"
+PROBE_TEXT = "Hello, world! 123 \t\n def f(x): return x ** 2  # π ≈ 3.14 🙂"

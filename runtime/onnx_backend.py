@@ -20,6 +20,7 @@ from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from fanformer.runtime.backend import Backend, BackendInfo, register
+from fanformer.runtime.guard import check_onnx_session, ort_run
 
 ONNX_DTYPES = {"tensor(float)": ("fp32", np.float32), "tensor(float16)": ("fp16", np.float16)}
 
@@ -72,6 +73,7 @@ class OnnxBackend(Backend):
         except Exception as err:  # onnxruntime raises its own exception types for a bad file
             raise FANformerError(f"onnxruntime cannot load {model_file} ({str(err).splitlines()[0][:200]}); "
                                  "the file is corrupted or not a FANformer export: export it again") from None
+        check_onnx_session(self.session, self.config, model_file)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         kv_type = {i.name: i.type for i in self.session.get_inputs()}.get(names.PAST_KEY % 0)
         if kv_type not in ONNX_DTYPES:
@@ -108,7 +110,7 @@ class OnnxBackend(Backend):
         return logits
 
     def _run_cpu(self, feeds: list, past: list):
-        outputs = self.session.run(self.output_names, dict(zip(self.input_names, feeds + past)))
+        outputs = ort_run(self.session, self.info.path, self.output_names, dict(zip(self.input_names, feeds + past)))
         return torch.from_numpy(outputs[0]).float(), outputs[1:]
 
     def _run_cuda(self, feeds: list, past: list):
