@@ -16,6 +16,7 @@ with renames, so a crash leaves the old checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -39,6 +40,10 @@ SHARDED_DIR = "sharded"  # torch.distributed.checkpoint shards of an FSDP run
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATION_KEY = "quantization_config"  # in config.json of a quantized checkpoint (quant/checkpoint.py)
 
+# generation_config.json keys that generation reads (transformers' names), with their types;
+# others are kept but unused.
+GENERATION_KEYS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float, "min_length": int,
+                   "repetition_penalty": float, "bos_token_id": int, "eos_token_id": int, "pad_token_id": int}
 # The seed card's inference defaults.
 DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 100, "top_p": 0.85}
 
@@ -151,7 +156,14 @@ def load_generation_config(path: str | Path) -> dict:
     file = Path(path) / GENERATION_CONFIG_FILE
     if not file.is_file():
         return {}
-    return read_json(file)
+    generation = read_json(file)
+    for key, value in generation.items():
+        kind = GENERATION_KEYS.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is bool and not isinstance(value, bool) or kind is int and not (number and float(value).is_integer()) \
+                or kind is float and not number:
+            raise FANformerError(f"{file}: {key} is {value!r}, expected {'true or false' if kind is bool else 'a number'}")
+    return generation
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ depend on what it is batched with. Lengths follow transformers: `max_length` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,17 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_length", "min_length", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                if isinstance(value, float) and value.is_integer():  # 50.0 from a JSON file: the integer meant
+                    setattr(self, name, int(value))
+                else:
+                    raise FANformerError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise FANformerError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise FANformerError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_length is not None and self.max_length < 1:
@@ -101,7 +113,10 @@ def next_tokens(logits: torch.Tensor, temperature: float, generators: list[torch
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+    # A temperature (or repetition penalty) so extreme that the scaled logits overflow leaves
+    # no distribution to draw from; its limit is the greedy choice.
+    return torch.cat([torch.multinomial(row, 1, generator=g) if bool(torch.isfinite(row).all())
+                      else logit_row.argmax()[None] for row, logit_row, g in zip(probs, logits, generators)])
 
 
 def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor,
