@@ -44,6 +44,7 @@ QUANTIZATION_KEY = "quantization_config"  # in config.json of a quantized checkp
 # others are kept but unused.
 GENERATION_KEYS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float, "min_length": int,
                    "repetition_penalty": float, "bos_token_id": int, "eos_token_id": int, "pad_token_id": int}
+GENERATION_RANGES = {"top_p": lambda v: 0 < v <= 1, "repetition_penalty": lambda v: v > 0}  # others: >= 0
 # The seed card's inference defaults.
 DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 100, "top_p": 0.85}
 
@@ -132,8 +133,8 @@ def load_config(path: str | Path) -> FANformerConfig:
         raise FANformerError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
     config = FANformerConfig.from_file(path)
     weights = path / WEIGHTS_FILE
-    config.check_sizes(weights.stat().st_size, path / CONFIG_FILE)
     inventory = safetensors_inventory(weights)
+    config.check_sizes(weights.stat().st_size, path / CONFIG_FILE)
     check_block_count(config.n_layers, inventory, weights)
     embed = inventory.get("embed.weight")
     if embed is not None and embed[1] != (config.vocab_size, config.d_model):
@@ -163,6 +164,8 @@ def load_generation_config(path: str | Path) -> dict:
         if kind is bool and not isinstance(value, bool) or kind is int and not (number and float(value).is_integer()) \
                 or kind is float and not number:
             raise FANformerError(f"{file}: {key} is {value!r}, expected {'true or false' if kind is bool else 'a number'}")
+        if kind is not bool and not GENERATION_RANGES.get(key, lambda v: v >= 0)(value):
+            raise FANformerError(f"{file}: {key} is {value!r}, out of range")
     return generation
 
 
