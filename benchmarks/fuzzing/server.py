@@ -14,6 +14,7 @@ server kills it at the time limit and classifies what it sees.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
 OK, ERROR, FOREIGN, OVER_ALLOCATION = 0, 2, 3, 4
 # Allocation failures reported through some library's own error (C++ std::bad_alloc, torch's
@@ -48,8 +50,8 @@ def _imports() -> None:
         FANformer(FANformerConfig())
 
 
-def _child(argv: list[str], log: str, budget: int) -> None:
-    """In the forked child: never returns."""
+def _child(call, log: str, budget: int) -> None:
+    """In the forked child: `call()` (the CLI's main: 0 or 2), then exit; never returns."""
     code = FOREIGN
     try:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -58,9 +60,7 @@ def _child(argv: list[str], log: str, budget: int) -> None:
         with open("/proc/self/status") as f:
             held = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
         resource.setrlimit(resource.RLIMIT_AS, (held + budget, held + budget))
-        from fanformer.cli import main
-
-        code = main(argv)
+        code = call()
         code = OK if code == 0 else ERROR if code == 2 else FOREIGN
     except MemoryError:
         traceback.print_exc()
@@ -74,11 +74,14 @@ def _child(argv: list[str], log: str, budget: int) -> None:
         os._exit(code)
 
 
-def run_case(argv: list[str], log: str, timeout: float, budget: int) -> dict:
+def run_case(call, log: str, timeout: float, budget: int) -> dict:
+    """Run `call()` in a forked child capped at `budget` bytes beyond what it holds and
+    `timeout` seconds; {"outcome": one of run.OUTCOMES, "seconds", and "signal" if one
+    ended it}."""
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _child(argv, log, budget)
+        _child(call, log, budget)
     status = None
     while time.monotonic() - start < timeout:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -90,7 +93,7 @@ def run_case(argv: list[str], log: str, timeout: float, budget: int) -> dict:
         os.waitpid(pid, 0)
         return {"outcome": "hang", "seconds": round(time.monotonic() - start, 2)}
     seconds = round(time.monotonic() - start, 2)
-    text = open(log, errors="replace").read()
+    text = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
         return {"outcome": "over-allocation" if ALLOCATION.search(text) else "crash", "signal": sig, "seconds": seconds}
@@ -105,10 +108,14 @@ def run_case(argv: list[str], log: str, timeout: float, budget: int) -> dict:
 
 def main() -> None:
     _imports()
+    from fanformer.cli import main as cli_main
+
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        print(json.dumps(run_case(request["argv"], request["log"], request["timeout"], request["budget"])), flush=True)
+        answer = run_case(functools.partial(cli_main, request["argv"]), request["log"], request["timeout"],
+                          request["budget"])
+        print(json.dumps(answer), flush=True)
 
 
 if __name__ == "__main__":
