@@ -40,6 +40,7 @@ SHRINK = [
     (r"--calib-samples \d+", "--calib-samples 4"),
     (r"--calib-seq-len \d+", "--calib-seq-len 32"),
     (r"--data corpus/", "--data corpus"),
+    (r"(benchmarks/fuzz\.py.*)--cases \d+", r"\1--cases 1"),
 ]
 # ... and flags added where a command leaves them out (None: a flag without a value).
 ADD = {
