@@ -144,12 +144,12 @@ class GenaiTimer:
     prefill, each `generate_next_token` one decode step. Batch 1; the tokens are the same
     random prompt the backends get."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, threads: int):
         from fanformer.config import FANformerConfig
         from fanformer.runtime.backend import BackendInfo
         from fanformer.runtime.genai import GenaiSession
 
-        self.session = GenaiSession(folder)
+        self.session = GenaiSession(folder, threads)
         config = FANformerConfig.from_file(folder)
         self.info = BackendInfo(format="onnxruntime-genai", path=folder, vocab_size=config.vocab_size,
                                 max_seq_len=config.max_seq_len, bos_id=0, eos_id=self.session.eos_id, pad_id=0,
@@ -259,14 +259,17 @@ def load(args) -> tuple[Backend, str]:
     if args.genai:
         if args.path is None or args.batch_size != 1:
             raise FANformerError("--genai needs an exported ONNX folder as PATH and --batch-size 1")
-        return GenaiTimer(args.path), str(args.path)
+        return GenaiTimer(args.path, torch.get_num_threads()), str(args.path)
     if args.llama_cpp:
         if args.path is None or args.batch_size != 1:
             raise FANformerError("--llama-cpp needs a GGUF file of the llama architecture as PATH and --batch-size 1")
         return LlamaCppTimer(args.path), str(args.path)
     if args.path is not None:
-        gguf = {"engine": args.engine, "threads": torch.get_num_threads()} if detect_format(args.path) == "gguf" else {}
-        return load_backend(args.path, dtype=args.dtype, device=args.device, **gguf), str(args.path)
+        format = detect_format(args.path)
+        options = {"threads": torch.get_num_threads()} if format in ("gguf", "onnx") else {}
+        if format == "gguf":
+            options["engine"] = args.engine
+        return load_backend(args.path, dtype=args.dtype, device=args.device, **options), str(args.path)
     torch.manual_seed(0)
     model = FANformer(FANformerConfig.from_name(args.preset))
     return TorchBackend.from_model(model, None, dtype=args.dtype, device=args.device), \
@@ -296,7 +299,8 @@ def parse_args() -> argparse.Namespace:
                         help="time llama.cpp (llama-cpp-python) on the GGUF file PATH instead of the GGUF backend")
     parser.add_argument("--engine", choices=["auto", "ggml", "torch"], default="auto",
                         help="the GGUF backend's engine (default: auto, ggml where ggml-python loads)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch, the GGUF backend and llama.cpp "
+    parser.add_argument("--threads", type=int, help="CPU threads for torch, onnxruntime, onnxruntime-genai, the GGUF "
+                        "backend and llama.cpp "
                         "(default: torch's own setting)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()

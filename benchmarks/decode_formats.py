@@ -69,12 +69,26 @@ class Variant(NamedTuple):
     llama: bool = False  # run the model as a plain Llama (AS_LLAMA)
 
 
+PLAIN = {"optimize": False}  # the ONNX export of standard ops (before the fused graph)
+INT4, INT4_PLAIN = {"quantize": "int4"}, {"quantize": "int4", "optimize": False, "accuracy_level": 0}
 VARIANTS = {
     "pytorch": Variant(None, {}, []),
     "onnx": Variant("onnx", {"dtype": "fp32"}, []),
+    "onnx-plain": Variant("onnx", {"dtype": "fp32", **PLAIN}, []),
     "onnx-int8": Variant("onnx", {"dtype": "fp32", "quantize": "int8"}, []),
-    "onnx-int4": Variant("onnx", {"dtype": "fp32", "quantize": "int4"}, []),
+    "onnx-int4": Variant("onnx", {"dtype": "fp32", **INT4}, []),
+    "onnx-int4-acc0": Variant("onnx", {"dtype": "fp32", **INT4, "accuracy_level": 0}, []),
+    "onnx-int4-plain": Variant("onnx", {"dtype": "fp32", **INT4_PLAIN}, []),
     "genai": Variant("onnx", {"dtype": "fp32"}, ["--genai"]),
+    "genai-int4": Variant("onnx", {"dtype": "fp32", **INT4}, ["--genai"]),
+    "genai-int4-plain": Variant("onnx", {"dtype": "fp32", **INT4_PLAIN}, ["--genai"]),
+    # onnxruntime-genai's own model builder on the same weights as a Hugging Face Llama
+    # (benchmarks/genai_builder.py), against our export of that model, both run by genai.
+    "genai-llama-int4": Variant("onnx", {"dtype": "fp32", **INT4}, ["--genai"], llama=True),
+    "genai-builder-llama-int4": Variant("genai-builder", {"precision": "int4", "accuracy_level": 4}, ["--genai"],
+                                        llama=True),
+    "genai-llama": Variant("onnx", {"dtype": "fp32"}, ["--genai"], llama=True),
+    "genai-builder-llama": Variant("genai-builder", {"precision": "fp32"}, ["--genai"], llama=True),
     **{f"ggml-{t}": Variant("gguf", {"type": t}, GGML_FLAGS) for t in GGUF_TYPES},
     **{f"gguf-torch-{t}": Variant("gguf", {"type": t}, TORCH_ENGINE_FLAGS) for t in GGUF_TYPES},
     "pytorch-llama": Variant(None, {}, [], llama=True),
@@ -107,11 +121,11 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model."))
 
 
-def export_path(work: Path, format: str, options: dict) -> Path:
+def export_path(work: Path, format: str, options: dict, llama: bool) -> Path:
     """Where a variant's export goes: a folder for ONNX, a .gguf file for GGUF."""
     if format == "gguf":
         return work / f"model-{options.get('arch', 'fanformer')}-{options['type']}.gguf"
-    return work / f"onnx-{options.get('quantize') or options['dtype']}"
+    return work / "-".join([format, "llama" if llama else "fanformer", *(f"{k}{v}" for k, v in options.items())])
 
 
 def gguf_costs(path: Path) -> dict:
@@ -215,8 +229,14 @@ def main() -> None:
             continue
         path = checkpoint
         if format is not None:
-            path = export_path(work, format, options)
-            if not path.exists():
+            path = export_path(work, format, options, llama)
+            if path.exists():
+                pass
+            elif format == "genai-builder":
+                from genai_builder import build  # benchmarks/genai_builder.py
+
+                build(checkpoint, path, **options)
+            else:
                 export(checkpoint, format, path, validate=VALIDATORS.get(format), **options)
         paths[variant] = path
 

@@ -108,7 +108,7 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def carry_into(path, layers: dict[str, QuantLinear]) -> int:
+def carry_into(path, layers: dict[str, QuantLinear], accuracy_level: int = 0) -> int:
     """Replace in the ONNX file `path` each MatMul by one quantized layer's dequantized
     weight with a MatMulNBits node holding that layer's integers; returns how many.
     Every quantized layer must be found (by the exact values of its W^T initializer)."""
@@ -149,7 +149,7 @@ def carry_into(path, layers: dict[str, QuantLinear]) -> int:
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
             list(node.output), name=f"{node.name or name}_MatMulNBits", domain=MS_DOMAIN,
-            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"]))
+            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level))
         for n in names:
             found.setdefault(n, []).append(node.name)
     missing = sorted(set(layers) - set(found))

@@ -23,10 +23,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import torch
 
 from fanformer.export import onnx_format as names
-from fanformer.export import onnx_carry, onnx_quant
+from fanformer.export import onnx_carry, onnx_fused, onnx_quant
 from fanformer.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, check_output_dir, load_model,
                                   load_generation_config, read_quantization_config)
 from fanformer.errors import FANformerError
@@ -110,9 +111,13 @@ def export_graph(model: FANformer, path: Path, dtype: str = "fp32", opset: int =
         raise
 
 
-def genai_config(model: FANformer, special: dict[str, int], generation: dict) -> dict:
+def genai_config(model: FANformer, special: dict[str, int], generation: dict, fused: bool) -> dict:
     """onnxruntime-genai's genai_config.json for the exported decoder."""
     c = model.config
+    inputs = {"input_ids": names.INPUT_IDS, "attention_mask": names.ATTENTION_MASK,
+              "past_key_names": names.PAST_KEY, "past_value_names": names.PAST_VALUE}
+    if not fused:  # GroupQueryAttention rotates by cache slot: the fused graph takes no positions
+        inputs["position_ids"] = names.POSITION_IDS
     return {
         "model": {
             "type": "decoder",
@@ -123,9 +128,7 @@ def genai_config(model: FANformer, special: dict[str, int], generation: dict) ->
                 "filename": names.MODEL_FILE, "head_size": c.head_dim, "hidden_size": c.d_model,
                 "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
                 "num_hidden_layers": c.n_layers,
-                "inputs": {"input_ids": names.INPUT_IDS, "attention_mask": names.ATTENTION_MASK,
-                           "position_ids": names.POSITION_IDS, "past_key_names": names.PAST_KEY,
-                           "past_value_names": names.PAST_VALUE},
+                "inputs": inputs,
                 "outputs": {"logits": names.LOGITS, "present_key_names": names.PRESENT_KEY,
                             "present_value_names": names.PRESENT_VALUE},
             },
@@ -136,25 +139,33 @@ def genai_config(model: FANformer, special: dict[str, int], generation: dict) ->
             "top_k": generation.get("top_k", 50), "top_p": generation.get("top_p", 1.0),
             "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
             "early_stopping": True,
-            # The graph concatenates past and new keys, so present is a new, longer tensor
-            # each step: it cannot share one preallocated buffer with past.
-            "past_present_share_buffer": False,
+            # The fused graph's GroupQueryAttention writes new keys and values into the past
+            # buffer in place (genai preallocates it at max_length); the plain graph
+            # concatenates, so its present is a new, longer tensor each step.
+            "past_present_share_buffer": fused,
         },
     }
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
-                block_size: int | None = None, force: bool = False,
-                validate: Callable[[Path, Path, str], object] | None = None) -> Path:
+                block_size: int | None = None, optimize: bool = True, accuracy_level: int | None = None,
+                force: bool = False, validate: Callable[[Path, Path, str], object] | None = None) -> Path:
     """Export `checkpoint` to the folder `out` (written under a temporary name, then renamed),
     optionally quantized (`quantize`: int8, int4 or int8-wo; see export/onnx_quant.py).
 
+    With `optimize` (the default) the graph is export/onnx_fused.py's, built from
+    onnxruntime's contrib ops, wherever the model has one (not for the FFTNet mixer or the
+    Fourier head, which export the plain graph with a warning); otherwise the plain graph
+    of standard ONNX ops from torch.onnx. `accuracy_level` is MatMulNBits' (int4, int8-wo and
+    carried weights; default 4 in fp32, 0 in fp16), recorded in model.onnx's metadata.
+
     `validate(checkpoint, folder, kind)` runs on the finished folder before it is renamed
-    into place and raises to refuse it; `kind` is "carried" for a quantized checkpoint, else
-    the --quantize method or the dtype. The runtime provides one
-    (`fanformer.runtime.validation.validate_onnx`); the exporter itself runs no model."""
+    into place and raises to refuse it; `kind` names the variant for its tolerance
+    (`variant_kind`). The runtime provides one (`fanformer.runtime.validation.validate_onnx`);
+    the exporter itself runs no model."""
     checkpoint, out = Path(checkpoint), Path(out)
-    names.OnnxOptions(dtype=dtype, quantize=quantize, block_size=block_size)  # checks them together
+    names.OnnxOptions(dtype=dtype, quantize=quantize, block_size=block_size, optimize=optimize,
+                      accuracy_level=accuracy_level)  # checks them together
     qconfig = read_quantization_config(checkpoint)
     carried = {}
     if qconfig is not None:
@@ -167,6 +178,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
             raise FANformerError("a quantized checkpoint exports with --dtype fp32 only (float activations, "
                                  "MatMulNBits weights)")
         onnx_carry.check_carry(qconfig)
+    elif accuracy_level is not None and quantize is None:
+        raise FANformerError("--accuracy-level only applies to --quantize int4 or int8-wo (MatMulNBits) "
+                             "and to quantized checkpoints")
     check_output_dir(out, force)
     if qconfig is not None:
         from fanformer.quant.checkpoint import load_quantized_model
@@ -180,25 +194,59 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
 
     special = special_token_ids(load_tokenizer(checkpoint))
     generation = load_generation_config(checkpoint)
+    fused = optimize and _fused_or_warn(model)
+    weight_only = bool(carried) or quantize in ("int4", "int8-wo")
+    if accuracy_level is None and weight_only:
+        accuracy_level = names.DEFAULT_ACCURACY_LEVEL if dtype == "fp32" else 0
+    kind = variant_kind(dtype, quantize, bool(carried), accuracy_level or 0)
 
     def write(tmp: Path) -> None:
-        log.info("exporting %s to ONNX (%s, opset %d)", checkpoint, dtype, names.OPSET)
-        export_graph(model, tmp / names.MODEL_FILE, dtype)
+        graph = names.FUSED if fused else names.PLAIN
+        log.info("exporting %s to ONNX (%s graph, %s, opset %d)", checkpoint, graph, dtype, names.OPSET)
+        if fused:
+            onnx_fused.save(onnx_fused.build_fused(model, dtype, carried, accuracy_level or 0), tmp)
+        else:
+            export_graph(model, tmp / names.MODEL_FILE, dtype)
         if quantize:
-            log.info("quantizing to %s", quantize)
-            onnx_quant.quantize_onnx(tmp, quantize, block_size)
-        if carried:
+            log.info("quantizing to %s%s", quantize, f" (accuracy level {accuracy_level})" if weight_only else "")
+            onnx_quant.quantize_onnx(tmp, quantize, block_size, accuracy_level)
+        if carried and not fused:
             if (tmp / names.DATA_FILE).is_file():
                 raise FANformerError("carrying a quantized checkpoint into ONNX supports models under 2 GB only")
-            count = onnx_carry.carry_into(tmp / names.MODEL_FILE, carried)
+            count = onnx_carry.carry_into(tmp / names.MODEL_FILE, carried, accuracy_level or 0)
             log.info("carried %d quantized layers into %d MatMulNBits nodes (%d-bit)", len(carried), count,
                      qconfig["bits"])
+        _record(tmp, {names.META_GRAPH: graph, names.META_ACCURACY_LEVEL: str(accuracy_level or 0)})
         for name in (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
                      SPECIAL_TOKENS_MAP_FILE):
             if (checkpoint / name).is_file():
                 shutil.copy(checkpoint / name, tmp / name)
-        (tmp / names.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, special, generation), indent=2))
+        (tmp / names.GENAI_CONFIG_FILE).write_text(
+            json.dumps(genai_config(model, special, generation, fused), indent=2))
         if validate is not None:
-            validate(checkpoint, tmp, "carried" if qconfig is not None else quantize or dtype)
+            validate(checkpoint, tmp, kind)
 
     return write_directory_atomically(out, write)
+
+
+def variant_kind(dtype: str, quantize: str | None, carried: bool, accuracy_level: int) -> str:
+    """The name validation's tolerances are keyed by: the method or dtype, plus `-acc4` when
+    MatMulNBits also quantizes activations (accuracy level 4)."""
+    kind = "carried" if carried else quantize or dtype
+    return f"{kind}-acc4" if accuracy_level == 4 and (carried or quantize in ("int4", "int8-wo")) else kind
+
+
+def _fused_or_warn(model: FANformer) -> bool:
+    reason = onnx_fused.unsupported(model)
+    if reason:
+        log.warning("exporting the plain ONNX graph: %s", reason)
+    return reason is None
+
+
+def _record(folder: Path, metadata: dict[str, str]) -> None:
+    """Write `metadata` into model.onnx's metadata_props (the graph proto only: external
+    weights, if any, stay where they are)."""
+    path = folder / names.MODEL_FILE
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
+    onnx.save(model, str(path))

@@ -8,7 +8,7 @@ export/onnx_export.py, imported only when an export runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fanformer.config import knob
@@ -61,6 +61,14 @@ DTYPES = ("fp32", "fp16")
 QUANTIZE_METHODS = ("int8", "int4", "int8-wo")
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# MatMulNBits on the CPU at level 4 quantizes activations to int8 per block and runs integer
+# dot products (onnxruntime-genai's builder's CPU default); 0 computes in the weights' float type.
+DEFAULT_ACCURACY_LEVEL = 4
+# Model metadata (model.onnx's metadata_props) that records how the folder was exported.
+META_GRAPH = "fanformer.graph"  # "fused" or "plain"
+META_ACCURACY_LEVEL = "fanformer.accuracy_level"
+FUSED, PLAIN = "fused", "plain"
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,19 @@ class OnnxOptions:
     # No choices for these two: __post_init__ checks them together and says what to do.
     quantize: str | None = knob(None, "int8 (dynamic), int4 or int8-wo (weight-only, MatMulNBits); default none")
     block_size: int | None = knob(None, "int4/int8-wo block size: 32 (default), 64 or 128")
+    optimize: bool = field(default=True, metadata={
+        "help": "onnxruntime's fused contrib ops (GroupQueryAttention with an in-place KV buffer, "
+                "SkipSimplifiedLayerNormalization, packed projections); --no-optimize: standard ONNX ops only, "
+                "for runtimes other than onnxruntime", "negation": "no_optimize"})
+    accuracy_level: int | None = knob(None, "MatMulNBits accuracy level of int4/int8-wo and carried weights: "
+                                            "4 (default: int8 activations on the CPU) ... 0 (float activations)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise FANformerError(f"unsupported ONNX dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
+            raise FANformerError(f"invalid --accuracy-level {self.accuracy_level}; choose one of "
+                                 f"{', '.join(map(str, ACCURACY_LEVELS))}")
         if self.quantize is None:
             if self.block_size is not None:
                 raise FANformerError("--block-size only applies to --quantize int4 or int8-wo")
@@ -83,6 +100,9 @@ class OnnxOptions:
         if self.quantize == "int8" and self.dtype != "fp32":
             raise FANformerError("--quantize int8 needs --dtype fp32 (onnxruntime's dynamic quantization reads "
                                  "fp32 graphs); for fp16 activations use --quantize int4 or int8-wo")
+        if self.accuracy_level is not None and self.quantize == "int8":
+            raise FANformerError("--accuracy-level only applies to --quantize int4 or int8-wo (MatMulNBits) "
+                                 "and to quantized checkpoints")
         if self.block_size is not None and self.quantize == "int8":
             raise FANformerError("--block-size only applies to --quantize int4 or int8-wo "
                                  "(int8 quantizes per output channel)")
@@ -92,10 +112,15 @@ class OnnxOptions:
 
 
 def default_output(checkpoint: Path, options: OnnxOptions) -> Path:
-    """The folder `<checkpoint>-onnx[-<dtype>][-<quantize>][-bs<block size>]` beside the checkpoint."""
+    """The folder `<checkpoint>-onnx[-<dtype>][-<quantize>][-bs<block size>][-acc<level>][-plain]`
+    beside the checkpoint."""
     parts = ["onnx"] + [value for value in (options.dtype, options.quantize) if value not in (None, "fp32")]
     if options.block_size is not None:
         parts.append(f"bs{options.block_size}")
+    if options.accuracy_level is not None:
+        parts.append(f"acc{options.accuracy_level}")
+    if not options.optimize:
+        parts.append(PLAIN)
     return checkpoint.with_name(f"{checkpoint.name}-{'-'.join(parts)}")
 
 
@@ -103,7 +128,8 @@ def write(checkpoint: Path, out: Path, options: OnnxOptions, force: bool, valida
     from fanformer.export.onnx_export import export_onnx
 
     return export_onnx(checkpoint, out, dtype=options.dtype, quantize=options.quantize,
-                       block_size=options.block_size, force=force, validate=validate)
+                       block_size=options.block_size, optimize=options.optimize,
+                       accuracy_level=options.accuracy_level, force=force, validate=validate)
 
 
 register(ExportFormat("onnx", "a folder onnxruntime and onnxruntime-genai run as is", OnnxOptions,

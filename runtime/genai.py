@@ -8,6 +8,7 @@ position through the ONNX backend instead).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fanformer.errors import FANformerError
@@ -15,10 +16,14 @@ from fanformer.runtime.guard import genai_call
 from fanformer.validate import read_json
 
 
-def load_model(og, folder: str | Path):
-    """`og.Model` of an exported folder; genai's own failure becomes one user-facing error."""
+def load_model(og, folder: str | Path, threads: int = 0):
+    """`og.Model` of an exported folder (onnxruntime's intra-op thread count set when
+    `threads` is given); genai's own failure becomes one user-facing error."""
     try:
-        return og.Model(str(folder))
+        config = og.Config(str(folder))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        return og.Model(config)
     except Exception as err:  # genai raises RuntimeError with its own text
         raise FANformerError(f"onnxruntime-genai cannot load {folder} ({err}); "
                              "export the checkpoint again with `fanformer export --format onnx`") from None
@@ -27,12 +32,12 @@ def load_model(og, folder: str | Path):
 class GenaiSession:
     """One greedy generation at a time: `prefill(prompt_ids)`, then `step()` per token."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, threads: int = 0):
         import onnxruntime_genai as og
 
         self.og = og
         self.folder = Path(folder)
-        self.model = load_model(og, folder)
+        self.model = load_model(og, folder, threads)
         self.tokenizer = genai_call(self.folder, og.Tokenizer, self.model)
         self.eos_id = read_json(self.folder / "genai_config.json")["model"]["eos_token_id"]
         self.generator = None

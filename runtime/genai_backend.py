@@ -40,7 +40,7 @@ class GenaiBackend(Backend):
     """Options: device cpu|auto (the onnxruntime-genai package is the CPU build here). The
     folder runs in the dtype it was exported in, so a dtype cannot be chosen."""
 
-    def __init__(self, path: Path, dtype: str | None = None, device: str = "cpu"):
+    def __init__(self, path: Path, dtype: str | None = None, device: str = "cpu", threads: int = 0):
         try:
             import onnxruntime_genai as og
         except ImportError:
@@ -61,7 +61,7 @@ class GenaiBackend(Backend):
         self.generation_defaults = load_generation_config(folder)
         ids = special_token_ids(self.tokenizer)
         check_genai_config(folder, self.config, ids)  # before genai allocates from its sizes
-        self.model = load_model(og, folder)
+        self.model = load_model(og, folder, threads)
         self.info = BackendInfo(format="genai", path=str(path), vocab_size=self.config.vocab_size,
                                 max_seq_len=self.config.max_seq_len, bos_id=ids["bos_token_id"],
                                 eos_id=ids["eos_token_id"], pad_id=ids["pad_token_id"],

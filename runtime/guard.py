@@ -17,11 +17,12 @@ from fanformer.export import onnx_format as names
 from fanformer.validate import check_context_fits, foreign_errors, read_json
 
 
-def ort_run(session, model_file: Path, output_names: list[str], feeds: dict) -> list:
-    """`session.run`, with onnxruntime's errors (a graph that loads but cannot run) as one error."""
+def ort_run(model_file: Path, call, *args):
+    """`session.run(...)` or `session.run_with_iobinding(...)`, with onnxruntime's errors (a
+    graph that loads but cannot run) as one error."""
     with foreign_errors(f"onnxruntime failed to run {model_file}; the file is corrupted or not a FANformer "
                         "export: export it again"):
-        return session.run(output_names, feeds)
+        return call(*args)
 
 
 def genai_call(folder: Path, call, *args):
@@ -45,7 +46,8 @@ def check_onnx_session(session, config: FANformerConfig, model_file: Path) -> No
         raise FANformerError(f"{model_file} has {len(past)} past_key_values inputs, but config.json's n_layers "
                              f"{config.n_layers} calls for {2 * config.n_layers}; the folder mixes two models")
     expected = set(names.input_names(config.n_layers))
-    if set(inputs) != expected or names.LOGITS not in outputs:
+    # The fused graph rotates by cache slot and takes no position_ids.
+    if set(inputs) not in (expected, expected - {names.POSITION_IDS}) or names.LOGITS not in outputs:
         odd = sorted(set(inputs) ^ expected)[:3] or [names.LOGITS]
         raise FANformerError(f"{model_file}: its inputs and outputs are not a FANformer export's ({', '.join(odd)})")
     checks = [(inputs[names.PAST_KEY % 0].shape, 1, config.n_kv_heads, "n_kv_heads"),
@@ -93,6 +95,8 @@ def check_genai_config(folder: Path, config: FANformerConfig, special: dict[str,
         expected.append((section if isinstance(section, dict) else {}, key, value, f"model.decoder.{key}"))
     for section, key, value, where in expected:
         found = section.get(key)
+        if key == "position_ids" and found is None:  # the fused graph's inputs: it takes none
+            continue
         if found != value or type(found) is not type(value):
             raise FANformerError(f"{file}: {where} is {found!r}, but the model's config.json and tokenizer give "
                                  f"{value!r}; the folder is damaged or mixes two models")

@@ -1,10 +1,14 @@
 """The ONNX backend: an exported folder (or its model.onnx) run by onnxruntime.
 
-The graph takes the KV cache as inputs and returns the grown cache as outputs (the
-Optimum layout of export/onnx_format.py); the backend keeps those tensors between
-calls. On CUDA they stay on the GPU through I/O binding: each step binds the previous
-step's present.* outputs as this step's past_key_values.* inputs, so the cache never
-crosses to the host.
+Both graphs take the KV cache as inputs and return it as outputs (the Optimum layout of
+export/onnx_format.py); the backend keeps those tensors between calls.
+
+- The fused graph (export/onnx_fused.py): GroupQueryAttention writes each step's keys
+  and values into the past buffer in place. The cache is one preallocated OrtValue per
+  tensor, bound through I/O binding as both past and present, so a step copies nothing;
+  when a sequence outgrows it, it is reallocated at twice the length (up to max_seq_len).
+- The plain graph concatenates: present is a new, longer tensor that becomes the next
+  step's past. On CUDA the tensors stay on the GPU through I/O binding.
 """
 
 from __future__ import annotations
@@ -34,10 +38,15 @@ def onnx_model_file(path: Path) -> Path | None:
 
 
 class OnnxCache:
-    """The past keys and values of every layer: numpy arrays on the CPU, OrtValues on CUDA."""
+    """The past keys and values of every layer: numpy arrays on the CPU, OrtValues on CUDA;
+    for the fused graph, OrtValue buffers whose first `length` positions are filled."""
 
-    def __init__(self, past: list):
+    def __init__(self, past: list, length: int = 0):
         self.past = past
+        self.length = length
+
+# The fused graph's first KV buffer length; it doubles as sequences grow.
+FIRST_CAPACITY = 256
 
 
 @register("onnx", detect=lambda path: onnx_model_file(path) is not None)
@@ -88,11 +97,17 @@ class OnnxBackend(Backend):
                                 max_seq_len=self.config.max_seq_len, bos_id=ids["bos_token_id"],
                                 eos_id=ids["eos_token_id"], pad_id=ids["pad_token_id"], dtype=model_dtype,
                                 device="cuda" if self.on_cuda else "cpu")
-        self.input_names = names.input_names(self.config.n_layers)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.fused = metadata.get(names.META_GRAPH) == names.FUSED
+        self.accuracy_level = int(metadata.get(names.META_ACCURACY_LEVEL, 0))
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.input_names = [n for n in names.input_names(self.config.n_layers) if n in graph_inputs]
         self.output_names = names.output_names(self.config.n_layers)
 
     def new_cache(self, batch_size: int) -> OnnxCache:
         c = self.config
+        if self.fused:
+            return OnnxCache(self._buffers(batch_size, min(FIRST_CAPACITY, c.max_seq_len)))
         empty = np.zeros((batch_size, c.n_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
         return OnnxCache([empty] * (2 * c.n_layers))
 
@@ -101,16 +116,62 @@ class OnnxBackend(Backend):
         fresh = cache is None
         cache = self.new_cache(batch) if fresh else cache
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        feeds = [input_ids.long().numpy(), mask.long().numpy()]
+        if self.fused:
+            return self._run_fused(feeds, cache)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]  # as fanformer.model does
-        feeds = [input_ids.long().numpy(), mask.long().numpy(), positions.numpy()]
+        feeds.append(positions.numpy())
         run = self._run_cuda if self.on_cuda else self._run_cpu
         logits, present = run(feeds, cache.past)
         if not fresh:
             cache.past = present
         return logits
 
+    def _buffers(self, batch: int, capacity: int, old: list | None = None) -> list:
+        """One KV buffer per past input, (B, nkv, capacity, hs), holding `old`'s contents."""
+        import onnxruntime as ort
+
+        c = self.config
+        shape = (batch, c.n_kv_heads, capacity, c.head_dim)
+        device = "cuda" if self.on_cuda else "cpu"
+        if old is None:
+            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device, 0)
+                    for _ in range(2 * c.n_layers)]
+        grown = []
+        for value in old:  # host round trip, once per doubling
+            array = np.zeros(shape, self.kv_dtype)
+            before = value.numpy()
+            array[:, :, :before.shape[2]] = before
+            grown.append(ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+        return grown
+
+    def _run_fused(self, feeds: list, cache: OnnxCache) -> torch.Tensor:
+        """One step of the fused graph, the cache bound in place as both past and present."""
+        (batch, new), total = feeds[0].shape, feeds[1].shape[1]  # the mask spans cached and new tokens
+        if batch > 1 and new > 1 and cache.length:
+            # GroupQueryAttention's CPU kernel takes several new tokens over a cache at batch 1
+            # only: feed them one at a time (the same causal result).
+            return torch.cat([self._run_fused([feeds[0][:, [i]], feeds[1][:, :total - new + i + 1]], cache)
+                              for i in range(new)], dim=1)
+        if total > self.config.max_seq_len:
+            raise FANformerError(f"{total} tokens exceed the model's context of {self.config.max_seq_len}")
+        capacity = cache.past[0].shape()[2]
+        if total > capacity:
+            new_capacity = min(max(2 * capacity, total), self.config.max_seq_len)
+            cache.past = self._buffers(feeds[0].shape[0], new_capacity, cache.past)
+        binding = self.session.io_binding()
+        for name, value in zip(self.input_names, feeds):
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(names.LOGITS, "cpu")
+        for past, present, value in zip(self.input_names[len(feeds):], self.output_names[1:], cache.past):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        ort_run(self.info.path, self.session.run_with_iobinding, binding)
+        cache.length = total
+        return torch.from_numpy(binding.get_outputs()[0].numpy()).float()
+
     def _run_cpu(self, feeds: list, past: list):
-        outputs = ort_run(self.session, self.info.path, self.output_names, dict(zip(self.input_names, feeds + past)))
+        outputs = ort_run(self.info.path, self.session.run, self.output_names, dict(zip(self.input_names, feeds + past)))
         return torch.from_numpy(outputs[0]).float(), outputs[1:]
 
     def _run_cuda(self, feeds: list, past: list):
@@ -124,6 +185,6 @@ class OnnxBackend(Backend):
         binding.bind_output(names.LOGITS, "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, "cuda", 0)
-        self.session.run_with_iobinding(binding)
+        ort_run(self.info.path, self.session.run_with_iobinding, binding)
         outputs = binding.get_outputs()
         return torch.from_numpy(outputs[0].numpy()).float(), list(outputs[1:])

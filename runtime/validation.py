@@ -31,6 +31,11 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 0.6, "int8-wo": 0.5, "int4": 5.
 # A quantized checkpoint's export (export/onnx_carry.py) is validated against the PyTorch
 # backend on that same quantized checkpoint: the same integers, so only float rounding differs.
 TOLERANCE["carried"] = 1e-3
+# MatMulNBits at accuracy level 4 (the default for int4, int8-wo and carried weights in
+# fp32) also quantizes activations to int8 blocks. Worst seen (fused graph; the overfit tiny
+# model, a random-init tiny one, the quickstart model): int4 2.43, int8-wo 0.134, carried
+# 4-bit 0.188 -- the level-0 bounds still hold for the first two; carried gets the int8-wo one.
+TOLERANCE.update({"int4-acc4": 5.0, "int8-wo-acc4": 0.5, "carried-acc4": 0.5})
 
 
 def compare_logits(checkpoint: Path, folder: Path) -> tuple[float, float]:

@@ -45,10 +45,10 @@ class Variant:
 
     def load_options(self, device: str, threads: int | None = None) -> dict:
         """`load_backend` keyword arguments on `device` (the table's), CPU if it cannot run
-        there; `threads` reaches onnxruntime's and ggml's own thread pools (torch's is
-        process-wide)."""
+        there; `threads` reaches onnxruntime's, onnxruntime-genai's and ggml's own thread
+        pools (torch's is process-wide)."""
         options = {"device": device if device in self.devices else "cpu", **self.load}
-        if threads and self.format in ("onnx", "gguf"):
+        if threads and self.format in ("onnx", "gguf", "genai"):
             options["threads"] = threads
         return options
 
@@ -192,7 +192,13 @@ _add("gptq-w4g32", "pytorch", "GPTQ, groups of 32", 4, quantized("gptq", bits=4,
 _add("onnx-fp32", "onnx", "fp32", 32, exported("onnx", dtype="fp32"), devices=CPU)
 _add("onnx-fp16", "onnx", "fp16 weights and compute", 16, exported("onnx", dtype="fp16"), devices=CPU)
 _add("onnx-int8", "onnx", "dynamic int8 (MatMulInteger)", 8, exported("onnx", quantize="int8"), devices=CPU)
-_add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32", 4, exported("onnx", quantize="int4"), devices=CPU)
+_add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32, int8 activations (accuracy level 4)", 4,
+     exported("onnx", quantize="int4"), devices=CPU)
+# The export before the fused graph: standard ops, int4 with float activations (accuracy
+# level 0). Against onnx-int4 it shows what the fused graph gains in speed and what level 4
+# costs in drift (the two graphs compute the same logits to float rounding).
+_add("onnx-int4-plain", "onnx", "MatMulNBits int4 with float activations, standard-op graph", 4,
+     exported("onnx", quantize="int4", optimize=False, accuracy_level=0), devices=CPU)
 for _type, _bits in (("f16", 16), ("q8_0", 8), ("q5_0", 5), ("q4_0", 4), ("q4_1", 4)):
     _add(f"gguf-{_type}", "gguf", _type, _bits, exported("gguf", type=_type), GGUF_FILE.format(f"gguf-{_type}"),
          devices=CPU)

@@ -53,8 +53,10 @@ def quantized(checkpoint, overfit_tiny):
 
 @pytest.fixture(scope="module")
 def exports(quantized):
-    """kind -> ONNX folder; export_onnx validates each against the quantized checkpoint."""
-    return {kind: export_onnx(path, path.with_name(f"{path.name}-onnx"), validate=validate_onnx) for kind, path in quantized.items()}
+    """kind -> ONNX folder (float activations: accuracy level 0, so that only float rounding
+    differs from PyTorch); export_onnx validates each against the quantized checkpoint."""
+    return {kind: export_onnx(path, path.with_name(f"{path.name}-onnx"), accuracy_level=0, validate=validate_onnx)
+            for kind, path in quantized.items()}
 
 
 def decode(node, initializers) -> np.ndarray:
@@ -85,17 +87,21 @@ def test_integers_survive(exports, quantized, kind):
     nodes = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
     layers = {name: m for name, m in load_quantized_model(quantized[kind]).named_modules()
               if isinstance(m, QuantLinear)}
-    assert len(nodes) == len(layers) and layers
+    assert layers
     expected = {name: layer.dequantized_weight().t().numpy() for name, layer in layers.items()}
     matched = set()
     for node in nodes:
         assert node.domain == "com.microsoft"
-        got = decode(node, initializers)
-        hits = [name for name, w in expected.items() if w.shape == got.shape and np.array_equal(w, got)]
-        assert hits, f"{node.name} decodes to no quantized layer's weight"
-        matched.update(hits)
-        bits = {a.name: a.i for a in node.attribute}["bits"]
-        assert bits == CONFIGS[kind].bits
+        got = decode(node, initializers)  # (K, N): one layer, or several packed along N (Q/K/V, gate/up)
+        start = 0
+        while start < got.shape[1]:
+            hits = [name for name, w in expected.items() if w.shape[0] == got.shape[0]
+                    and np.array_equal(w, got[:, start:start + w.shape[1]])]
+            assert hits, f"{node.name} columns {start}.. decode to no quantized layer's weight"
+            matched.update(hits)
+            start += expected[hits[0]].shape[1]
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs["bits"] == CONFIGS[kind].bits and attrs["accuracy_level"] == 0
     assert matched == set(layers)
     # No float copy of a quantized weight is left in the file.
     floats = {numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.data_type == 1}
@@ -110,6 +116,23 @@ def test_greedy_matches_pytorch_on_quantized(exports, quantized, kind):
     assert reference_greedy(onnx_backend, prompt, 16) == reference_greedy(reference, prompt, 16)
     worst, top1 = compare_logits(quantized[kind], exports[kind])
     assert worst < 1e-3 and top1 == 1.0
+
+
+def test_default_export_quantizes_activations_within_its_tolerance(quantized, tmp_path):
+    """Without --accuracy-level, a carried export runs MatMulNBits at level 4 (int8
+    activations), recorded in the model, validated against its own, looser tolerance."""
+    from fanformer.export import onnx_format as names
+    from fanformer.runtime.validation import TOLERANCE
+
+    folder = export_onnx(quantized["4-asym"], tmp_path / "onnx", validate=validate_onnx)
+    model = onnx.load(str(folder / "model.onnx"))
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert {p.key: p.value for p in model.metadata_props}[names.META_ACCURACY_LEVEL] == "4"
+    worst, top1 = compare_logits(quantized["4-asym"], folder)
+    assert 1e-3 < worst <= TOLERANCE["carried-acc4"]  # activations really are rounded
+    assert top1 >= 0.9
 
 
 def rewrite(src, dst, change):

@@ -52,11 +52,15 @@ NEW_TOKENS = 32
 ALLOWED_DOMAINS = {"", "ai.onnx", "com.microsoft"}
 
 
+GRAPHS = (names.FUSED, names.PLAIN)  # the default export, and --no-optimize's
+
+
 @dataclass
 class Exported:
     arch: str
     checkpoint: Path
     folder: Path
+    graph: str
 
     @cached_property
     def pytorch(self):
@@ -73,24 +77,39 @@ class Exported:
 
 @pytest.fixture(scope="module")
 def build(corpus, cache_dir, tmp_path_factory):
-    """arch -> Exported: trains and exports each architecture once per module, on demand."""
-    built = {}
+    """(arch, graph) -> Exported: trains each architecture once per module and exports it
+    with each graph, on demand."""
+    trained, built = {}, {}
 
-    def get(arch: str) -> Exported:
-        if arch not in built:
-            root = tmp_path_factory.mktemp(arch)
+    def get(arch: str, graph: str = names.FUSED) -> Exported:
+        if arch not in trained:
+            root = trained[arch] = tmp_path_factory.mktemp(arch)
             train_run(root / "ckpt", data=[str(corpus)], model_overrides={**MODEL, **ARCHS[arch]},
                       train_overrides=TRAIN, cache_dir=cache_dir, progress=False)
-            assert main(["export", str(root / "ckpt"), "--format", "onnx", "--out", str(root / "onnx")]) == 0
-            built[arch] = Exported(arch, root / "ckpt", root / "onnx")
-        return built[arch]
+        if (arch, graph) not in built:
+            root = trained[arch]
+            flags = [] if graph == names.FUSED else ["--no-optimize"]
+            assert main(["export", str(root / "ckpt"), "--format", "onnx", "--out", str(root / graph), *flags]) == 0
+            built[arch, graph] = Exported(arch, root / "ckpt", root / graph, graph)
+        return built[arch, graph]
 
     return get
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
+@pytest.fixture(scope="module", params=[(arch, graph) for arch in ARCHS for graph in GRAPHS],
+                ids=lambda p: "-".join(p))
 def exported(request, build) -> Exported:
-    return build(request.param)
+    return build(*request.param)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def plain(request, build) -> Exported:
+    return build(request.param, names.PLAIN)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def fused(request, build) -> Exported:
+    return build(request.param, names.FUSED)
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +183,12 @@ def test_perplexity_equals_pytorch(exported, corpus, cache_dir):
 
 # --- The folder's contents --------------------------------------------------------------------
 
-def test_graph_is_valid_standard_onnx_with_optimum_names(exported):
+def test_plain_graph_is_valid_standard_onnx_with_optimum_names(plain):
+    exported = plain
     path = exported.folder / names.MODEL_FILE
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
+    assert {p.key: p.value for p in model.metadata_props}[names.META_GRAPH] == names.PLAIN
     c = exported.config
     assert {o.domain or "" for o in model.opset_import} <= ALLOWED_DOMAINS
     assert {o.domain: o.version for o in model.opset_import}[""] == names.OPSET
@@ -202,6 +223,28 @@ def test_graph_is_valid_standard_onnx_with_optimum_names(exported):
                                        c.head_dim])
 
 
+def test_fused_graph_runs_attention_and_norms_in_contrib_kernels(fused):
+    """One GroupQueryAttention per block (no attention MatMul or Softmax left), every norm
+    that follows a residual add fused with it, Optimum's names minus position_ids."""
+    model = onnx.load(str(fused.folder / names.MODEL_FILE))
+    c = fused.config
+    assert {p.key: p.value for p in model.metadata_props}[names.META_GRAPH] == names.FUSED
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == c.n_layers
+    assert "Softmax" not in ops
+    weights = {t.name for t in model.graph.initializer}
+    assert all(n.input[1] in weights for n in model.graph.node if n.op_type == "MatMul")  # linears only
+    # Each block adds two residuals, each add fused into the norm after it (the last into the
+    # final norm), except HybridNorm's x = z + ffn(z) when no norm follows (blocks 1..n-1).
+    hybrid_adds = c.n_layers - 1 if c.norm == "hybrid" else 0
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * c.n_layers - hybrid_adds
+    residual_adds = [n for n in model.graph.node if n.op_type == "Add" and not set(n.input) & weights]
+    assert len(residual_adds) == hybrid_adds
+    inputs = [v.name for v in model.graph.input]
+    assert inputs == [names.INPUT_IDS, names.ATTENTION_MASK, *names.past_names(c.n_layers)]
+    assert [v.name for v in model.graph.output] == names.output_names(c.n_layers)
+
+
 def test_genai_config_matches_the_checkpoint(exported):
     genai = json.loads((exported.folder / names.GENAI_CONFIG_FILE).read_text())
     c, tokenizer = exported.config, exported.pytorch.tokenizer
@@ -216,7 +259,10 @@ def test_genai_config_matches_the_checkpoint(exported):
     assert decoder["filename"] == names.MODEL_FILE
     assert decoder["inputs"]["past_key_names"] % 1 == "past_key_values.1.key"
     assert decoder["outputs"]["present_value_names"] % 1 == "present.1.value"
-    assert genai["search"]["past_present_share_buffer"] is False
+    fused = exported.graph == names.FUSED
+    # The fused graph writes keys and values into genai's preallocated buffer in place.
+    assert genai["search"]["past_present_share_buffer"] is fused
+    assert ("position_ids" in decoder["inputs"]) is not fused
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (exported.folder / name).read_bytes() == (exported.checkpoint / name).read_bytes()
 
@@ -238,14 +284,15 @@ def run_snippet(code: str, folder: Path) -> dict:
     return namespace
 
 
-def test_readme_snippets_generate_pytorch_greedy_tokens(first, capsys):
+def test_readme_snippets_generate_pytorch_greedy_tokens(first, build, capsys):
     plain, genai = readme_snippets()
     pt = first.pytorch
     prompt = pt.tokenizer.encode("def ").ids
 
-    ns = run_snippet(plain, first.folder)
-    assert ns["prompt"] == prompt
-    assert ns["generated"] == reference_greedy(pt, prompt, 40)
+    for folder in (first.folder, build(FIRST, names.PLAIN).folder):  # with and without position_ids
+        ns = run_snippet(plain, folder)
+        assert ns["prompt"] == prompt
+        assert ns["generated"] == reference_greedy(pt, prompt, 40)
 
     ns = run_snippet(genai, first.folder)
     sequence = [int(t) for t in ns["generator"].get_sequence(0)]
