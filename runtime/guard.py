@@ -36,15 +36,18 @@ def check_onnx_session(session, config: FANformerConfig, model_file: Path) -> No
     """The graph's inputs and outputs against config.json: one key and one value input per
     layer, and static KV and logits widths that match, before any list or cache of the
     config's size is built."""
-    weights = model_file.stat().st_size + sum(f.stat().st_size for f in [model_file.with_name(names.DATA_FILE)]
-                                              if f.is_file())
-    config.check_sizes(weights, model_file.with_name("config.json"))
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     past = [name for name in inputs if name.startswith("past_key_values.")]
+    if not past or names.LOGITS not in outputs:
+        raise FANformerError(f"{model_file} has no past_key_values inputs or no {names.LOGITS} output: "
+                             "it is not a FANformer export")
     if len(past) != 2 * config.n_layers:
         raise FANformerError(f"{model_file} has {len(past)} past_key_values inputs, but config.json's n_layers "
                              f"{config.n_layers} calls for {2 * config.n_layers}; the folder mixes two models")
+    weights = model_file.stat().st_size + sum(f.stat().st_size for f in [model_file.with_name(names.DATA_FILE)]
+                                              if f.is_file())
+    config.check_sizes(weights, model_file.with_name("config.json"))  # before lists of n_layers names
     expected = set(names.input_names(config.n_layers))
     # The fused graph rotates by cache slot and takes no position_ids.
     if set(inputs) not in (expected, expected - {names.POSITION_IDS}) or names.LOGITS not in outputs:
