@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fanformer.config import FANformerConfig
@@ -28,7 +27,8 @@ from fanformer.errors import FANformerError
 from fanformer.outputs import write_directory_atomically
 from fanformer.model import FANformer
 from fanformer.tokenizer import TOKENIZER_FILE
-from fanformer.validate import check_block_count, check_dtype, check_finite, read_json, safetensors_inventory
+from fanformer.validate import (check_block_count, check_dtype, check_finite, foreign_errors, read_json,
+                                safetensors_inventory)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -170,10 +170,8 @@ def load_generation_config(path: str | Path) -> dict:
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
+    with foreign_errors(f"{path} is corrupted or truncated; re-create it from a good copy"):  # Rust panics too
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise FANformerError(f"{path} is corrupted or truncated ({err}); re-create it from a good copy") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",

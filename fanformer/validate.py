@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from fanformer.errors import FANformerError
 
@@ -56,7 +56,7 @@ def read_json(path: str | Path, kind: type = dict):
 def safetensors_inventory(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{name: (dtype, shape)} from a safetensors file's header alone (no tensor is read).
     The safetensors library itself checks that the offsets lie within the file."""
-    try:
+    with foreign_errors(f"{path} is corrupted or truncated; re-create it from a good copy"):
         with safe_open(str(path), framework="pt") as f:
             inventory = {}
             for name in f.keys():
@@ -66,8 +66,6 @@ def safetensors_inventory(path: Path) -> dict[str, tuple[torch.dtype, tuple[int,
                     raise FANformerError(f"{path}: tensor {name} has dtype {dtype}, which no FANformer stores")
                 inventory[name] = (SAFETENSORS_DTYPES[dtype], tuple(tensor.get_shape()))
             return inventory
-    except (SafetensorError, OSError, ValueError) as err:
-        raise FANformerError(f"{path} is corrupted or truncated ({err}); re-create it from a good copy") from None
 
 
 def check_block_count(n_layers: int, names, path: Path, pattern: re.Pattern = _BLOCK, field: str = "n_layers") -> None:
