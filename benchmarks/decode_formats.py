@@ -1,6 +1,7 @@
-"""Decode speed of every runtime on one model: PyTorch, onnxruntime fp32 / int8 / int4,
-onnxruntime-genai, the GGUF backend's two engines (f16, bf16, q8_0, q4_0) and llama.cpp,
-same prompt tokens, one table.
+"""Decode speed of every runtime on one model: PyTorch, onnxruntime fp32 / int8 / int4
+(the fused graph, and the plain one of --no-optimize), onnxruntime-genai on our folders and
+on its own model builder's, the GGUF backend's two engines (f16, bf16, q8_0, q4_0) and
+llama.cpp, same prompt tokens, one table.
 
 For a preset the model is randomly initialised (speed does not depend on the weights)
 and saved with a small byte-level tokenizer; a PATH is a trained checkpoint. Each ONNX
@@ -15,7 +16,9 @@ checkpoint itself if it is one), exported with `--arch llama`. PyTorch and the G
 backend run that model too (`pytorch-llama`, `ggml-llama-*`, `gguf-torch-llama-*`), so
 llama.cpp is compared on the same file. Without llama-cpp-python (`pip install
 llama-cpp-python`) its rows are skipped with a message, as the ggml rows are without
-ggml-python.
+ggml-python. onnxruntime-genai's model builder knows Llama, not FANformer, so it too is
+given the `*-llama` model (as a Hugging Face Llama folder, benchmarks/genai_builder.py):
+`genai-builder-llama*` against our export of the same weights, `genai-llama*`.
 
 On a shared machine: `--rounds N` times every variant N times, the variants alternating
 (so a change in load hits them alike), and the table gives medians; `--threads 1 2` times
@@ -84,6 +87,8 @@ VARIANTS = {
     "genai-int4-plain": Variant("onnx", {"dtype": "fp32", **INT4_PLAIN}, ["--genai"]),
     # onnxruntime-genai's own model builder on the same weights as a Hugging Face Llama
     # (benchmarks/genai_builder.py), against our export of that model, both run by genai.
+    "onnx-llama": Variant("onnx", {"dtype": "fp32"}, [], llama=True),
+    "onnx-llama-int4": Variant("onnx", {"dtype": "fp32", **INT4}, [], llama=True),
     "genai-llama-int4": Variant("onnx", {"dtype": "fp32", **INT4}, ["--genai"], llama=True),
     "genai-builder-llama-int4": Variant("genai-builder", {"precision": "int4", "accuracy_level": 4}, ["--genai"],
                                         llama=True),

@@ -224,16 +224,20 @@ def test_gguf_export_refuses_fftnet(trained_fftnet, tmp_path, cli_fails):
 
 
 @pytest.mark.slow
-def test_onnx_export_runs_the_dft_and_matches_pytorch(trained_fftnet, tmp_path):
+def test_onnx_export_runs_the_dft_and_matches_pytorch(trained_fftnet, tmp_path, caplog):
     import onnx
 
     from fanformer.export import onnx_export
+    from fanformer.export import onnx_format as names
     from fanformer.runtime import validation
 
     out = onnx_export.export_onnx(trained_fftnet, tmp_path / "onnx",
                                    validate=validation.validate_onnx)
-    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
-    assert "DFT" in ops
+    model = onnx.load(str(out / "model.onnx"))
+    assert "DFT" in {node.op_type for node in model.graph.node}
+    # No fused kernel for this mixer: the default export falls back to the plain graph, and says so.
+    assert {p.key: p.value for p in model.metadata_props}[names.META_GRAPH] == names.PLAIN
+    assert "exporting the plain ONNX graph: the fftnet token mixer has no fused kernel" in caplog.text
     worst, top1 = validation.compare_logits(trained_fftnet, out)
     assert worst < 1e-3 and top1 == 1.0
     shutil.rmtree(out)

@@ -33,15 +33,23 @@ def folder(trained) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def backend(folder):
-    return load_backend(folder, device="cpu")
-
-
 def test_detected_and_described(backend, folder):
     assert backend.info.format == "onnx" and backend.info.dtype == "fp32" and backend.info.device == "cpu"
     assert (backend.info.vocab_size, backend.info.max_seq_len) == (400, 64)
     assert load_backend(folder / "model.onnx").info.format == "onnx"  # the file itself works too
+
+
+@pytest.fixture(params=[0, 5], ids=["preallocated", "growing"])
+def backend(request, folder, monkeypatch):
+    """The fused graph's in-place KV buffer, first allocated whole (the context is under
+    FIRST_CAPACITY here) and, with a first capacity of 5, reallocated as sequences grow."""
+    from fanformer.runtime import onnx_backend
+
+    if request.param:
+        monkeypatch.setattr(onnx_backend, "FIRST_CAPACITY", request.param)
+    loaded = load_backend(folder, device="cpu")
+    assert loaded.fused
+    return loaded
 
 
 def test_cached_decode_equals_uncached_score(backend):
