@@ -26,6 +26,8 @@ KINDS = {k.name: k for k in [
     Kind("gguf", "gguf", "model.gguf"),
     Kind("safetensors", "float", "model.safetensors"),
     Kind("safetensors-gptq", "gptq", "model.safetensors"),
+    Kind("safetensors-nf4", "nf4", "model.safetensors"),
+    Kind("safetensors-int8", "int8", "model.safetensors"),
     Kind("config.json", "float", "config.json"),
     Kind("config.json-gptq", "gptq", "config.json"),
     Kind("tokenizer.json", "float", "tokenizer.json"),
@@ -44,7 +46,7 @@ def build_seeds(root: Path) -> Path:
     from fanformer.export import export
     from fanformer.model import FANformer
     from fanformer.quant.checkpoint import quantize_checkpoint
-    from fanformer.quant.config import RTNConfig
+    from fanformer.quant.config import BnbInt8Config, BnbNF4Config, RTNConfig
     from fanformer.tokenizer import train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,10 @@ def build_seeds(root: Path) -> Path:
         save_checkpoint(float_dir, FANformer(config).eval(), tokenizer)
     if not (root / "gptq").is_dir():
         quantize_checkpoint(float_dir, RTNConfig(bits=4, group_size=32), root / "gptq", progress=False)
+    if not (root / "nf4").is_dir():  # bitsandbytes' own tensors (packed 4-bit weights, absmax, quant_map)
+        quantize_checkpoint(float_dir, BnbNF4Config(), root / "nf4", progress=False)
+    if not (root / "int8").is_dir():  # LLM.int8(): int8 rows and their SCB scales
+        quantize_checkpoint(float_dir, BnbInt8Config(), root / "int8", progress=False)
     if not (root / "gguf").is_dir():
         (root / "gguf").mkdir()
         export(float_dir, "gguf", root / "gguf" / "model.gguf", type="q8_0")

@@ -43,6 +43,7 @@ def _imports() -> None:
     from fanformer.runtime.gguf_backend import ggml_missing
 
     ggml_missing()  # loads libggml
+    import fanformer.quant.bnb  # noqa: F401  (bitsandbytes: seconds to import)
     from fanformer.config import FANformerConfig
     from fanformer.model import FANformer
 

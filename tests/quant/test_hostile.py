@@ -86,3 +86,27 @@ def test_nan_scales_are_named(copy):
 
 def test_the_untouched_copy_loads(copy):
     assert load_quantized_model(copy).get_submodule(LAYER).g_idx.max() == 1
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoints(quantized):
+    from fanformer.quant.config import BnbInt8Config, BnbNF4Config
+
+    root = quantized.parent
+    for name, config in (("nf4", BnbNF4Config()), ("int8", BnbInt8Config())):
+        quantize_checkpoint(root / "float", config, root / name, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("kind, key, edit, message", [
+    ("nf4", f"{LAYER}.weight", lambda t: t[: t.shape[0] // 2], "bytes of 4-bit codes"),
+    ("nf4", f"{LAYER}.weight.absmax", lambda t: t[:-1], r"weight\.absmax holds 63 values; the weight's shape needs 64"),
+    ("nf4", f"{LAYER}.weight", lambda t: t.float(), "expected bitsandbytes' packed uint8 codes"),
+    ("int8", f"{LAYER}.weight_format", lambda t: torch.tensor(255, dtype=torch.uint8), "weight_format is 255"),
+    ("int8", "blocks.0.attn.fan.proj.bias", lambda t: torch.cat([t, t]), r"fan\.proj\.bias is torch.float32 \(96,\)"),
+])
+def test_bitsandbytes_tensors_are_checked(bnb_checkpoints, tmp_path, kind, key, edit, message):
+    copy = shutil.copytree(bnb_checkpoints / kind, tmp_path / kind)
+    edit_tensor(copy, key, edit)
+    with pytest.raises(FANformerError, match=message):
+        load_quantized_model(copy)
