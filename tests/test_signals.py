@@ -70,8 +70,11 @@ def wait_for(condition, timeout: float, what: str):
 def interrupt(command: list[str], signum: int, started, timeout: float = 240) -> tuple[dict[int, str], str]:
     """Start the CLI, wait until `started(children)` holds, send `signum`, and check that
     it exits as interrupted and that none of the processes it started outlives it."""
+    # A shell's background job (`cmd &`) inherits SIGINT ignored, and so would the CLI; a
+    # user's terminal delivers it: restore the default before the CLI starts.
     cli = subprocess.Popen([sys.executable, "-m", "fanformer.cli", *command], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def ready():
             if cli.poll() is not None:

@@ -14,6 +14,7 @@ server kills it at the time limit and classifies what it sees.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import os
@@ -55,6 +56,7 @@ def _child(call, log: str, budget: int) -> None:
     """In the forked child: `call()` (the CLI's main: 0 or 2), then exit; never returns."""
     code = FOREIGN
     try:
+        faulthandler.disable()  # a crash is an outcome here, not the parent's (pytest's) report
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
