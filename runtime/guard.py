@@ -9,6 +9,7 @@ session or generator is made, and every call into either runtime goes through `o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fanformer.config import FANformerConfig
@@ -103,20 +104,20 @@ def check_genai_config(folder: Path, config: FANformerConfig, special: dict[str,
         if found != value or type(found) is not type(value):
             raise FANformerError(f"{file}: {where} is {found!r}, but the model's config.json and tokenizer give "
                                  f"{value!r}; the folder is damaged or mixes two models")
-    for key, (low, high) in _GENAI_SEARCH.items() | _GENAI_SEARCH_FLOATS.items():
+    for key, (low, high) in [*_GENAI_SEARCH.items(), *_GENAI_SEARCH_FLOATS.items()]:
         if key not in search:
             continue
         value, floats = search[key], key in _GENAI_SEARCH_FLOATS
         kind_ok = isinstance(value, (int, float) if floats else int) and not isinstance(value, bool)
-        if not kind_ok or (floats and value != value) or (low is not None and value < low) or \
+        if not kind_ok or not math.isfinite(value) or (low is not None and value < low) or \
                 (high is not None and value > high):
-            raise FANformerError(f"{file}: search.{key} is {value!r}; expected a{' number' if floats else 'n integer'}"
+            raise FANformerError(f"{file}: search.{key} is {value!r}; expected a finite "
+                                 f"{'number' if floats else 'integer'}"
                                  f"{f' >= {low}' if low is not None else ''}{f' <= {high}' if high is not None else ''}")
-    for key in ("max_length",):
-        value = search.get(key, config.max_seq_len)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= config.max_seq_len:
-            raise FANformerError(f"{file}: search.{key} is {value!r}; expected an integer in 1..{config.max_seq_len} "
-                                 "(context_length)")
+    max_length = search.get("max_length", config.max_seq_len)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= config.max_seq_len:
+        raise FANformerError(f"{file}: search.max_length is {max_length!r}; expected an integer in "
+                             f"1..{config.max_seq_len} (context_length)")
     for key in ("do_sample", "early_stopping", "past_present_share_buffer"):
         if key in search and not isinstance(search[key], bool):
             raise FANformerError(f"{file}: search.{key} is {search[key]!r}; expected true or false")
