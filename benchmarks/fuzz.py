@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fanformer.processes import sigterm_as_interrupt
+
 sys.path.insert(0, str(Path(__file__).parent))
 from fuzzing.run import BAD, Runner, campaign, table  # noqa: E402
 from fuzzing.seeds import KINDS  # noqa: E402
@@ -37,9 +39,8 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fanformer-fuzz-"))
     start = time.monotonic()
-    runner = Runner(work, timeout=args.timeout, budget=int(args.memory * 2**30), keep=args.keep)
     bar = tqdm(total=args.cases * len(args.kinds), unit="case")
-    bad = []
+    bad, runner = [], None
 
     def on_case(case) -> None:
         bar.update()
@@ -48,10 +49,17 @@ def main() -> int:
             bar.write(f"{case.outcome}: {case.kind} seed {case.seed} ({case.mutation})\n{case.log}")
 
     try:
-        results = campaign(runner, args.kinds, args.cases, args.first_seed, on_case)
+        with sigterm_as_interrupt():  # on Ctrl-C or SIGTERM the server and its running case end too
+            runner = Runner(work, timeout=args.timeout, budget=int(args.memory * 2**30), keep=args.keep)
+            results = campaign(runner, args.kinds, args.cases, args.first_seed, on_case)
+    except KeyboardInterrupt:
+        if runner is not None:
+            runner.close(interrupted=True)
+        print(f"\ninterrupted after {bar.n} cases", file=sys.stderr)
+        return 130
     finally:
         bar.close()
-        runner.close()
+    runner.close()
     print(f"\n{len(results)} cases in {time.monotonic() - start:.0f} s "
           f"(python benchmarks/fuzz.py --cases {args.cases}{' --first-seed %d' % args.first_seed if args.first_seed else ''})\n")
     print(table(results))

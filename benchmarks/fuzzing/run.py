@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -45,7 +46,7 @@ class Runner:
         self.seeds = build_seeds(root / "seeds")
         self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("server.py"))],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                       cwd=root, env=_server_env())
+                                       cwd=root, env=_server_env(), preexec_fn=_end_with_parent)
         ready = self.server.stdout.readline()
         if not ready:
             raise RuntimeError("the fuzz server did not start")
@@ -75,9 +76,21 @@ class Runner:
                 shutil.copytree(folder, self.keep / f"{kind_name}-{seed}", dirs_exist_ok=True)
         return case
 
-    def close(self) -> None:
-        self.server.stdin.close()
+    def close(self, interrupted: bool = False) -> None:
+        """Let the server finish (it exits at the end of its input), or end it and its case now."""
+        if interrupted:
+            self.server.terminate()
+        else:
+            self.server.stdin.close()
         self.server.wait(timeout=30)
+
+
+def _end_with_parent() -> None:
+    """In the server, before exec: SIGTERM when the runner dies, however it dies (Linux's
+    PR_SET_PDEATHSIG), so a killed campaign leaves no server running cases."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def _server_env() -> dict:

@@ -77,14 +77,29 @@ def _child(call, log: str, budget: int) -> None:
         os._exit(code)
 
 
+_running = None  # the case's child, ended with the server
+
+
+def _stop(signum, frame):
+    """SIGTERM, or the runner gone: end the running case too, then the server."""
+    if _running is not None:
+        try:
+            os.kill(_running, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(128 + signum)
+
+
 def run_case(call, log: str, timeout: float, budget: int) -> dict:
     """Run `call()` in a forked child capped at `budget` bytes beyond what it holds and
     `timeout` seconds; {"outcome": one of run.OUTCOMES, "seconds", and "signal" if one
     ended it}."""
+    global _running
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         _child(call, log, budget)
+    _running = pid
     status = None
     while time.monotonic() - start < timeout:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -110,15 +125,20 @@ def run_case(call, log: str, timeout: float, budget: int) -> dict:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     _imports()
     from fanformer.cli import main as cli_main
 
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        answer = run_case(functools.partial(cli_main, request["argv"]), request["log"], request["timeout"],
-                          request["budget"])
-        print(json.dumps(answer), flush=True)
+    try:
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            request = json.loads(line)
+            answer = run_case(functools.partial(cli_main, request["argv"]), request["log"], request["timeout"],
+                              request["budget"])
+            print(json.dumps(answer), flush=True)
+    except BrokenPipeError:  # the runner is gone
+        _stop(signal.SIGPIPE, None)
 
 
 if __name__ == "__main__":
