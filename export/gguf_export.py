@@ -28,6 +28,12 @@ back to F16 (the fallback llama.cpp's convert_hf_to_gguf.py and llama-quantize u
 all five q* types share the block size 32, so no other q* type would fit). The export
 logs which tensors fell back.
 
+K-quant and 4-bit i-quant types (q2_k ... q6_k, iq4_nl, iq4_xs) are llama.cpp's
+mixtures, quantized by ggml's own code (export/gguf_kquants.py), with llama.cpp's
+fallbacks for rows that are not whole super-blocks of 256. With an importance matrix
+(`imatrix`, export/gguf_imatrix.py) every quantized tensor that has an entry is quantized
+by ggml minimising the imatrix-weighted error, the legacy q* types included.
+
 A quantized checkpoint (`fanformer quantize`: config.json's quantization_config, GPTQ
 packed tensors) is carried over without quantizing again (export/gguf_carry.py): 4-bit
 layers as Q4_0 (sym) or Q4_1 (asym), 8-bit ones as Q8_0, built from the checkpoint's
@@ -46,10 +52,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, TokenType
+from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter,
+                  TokenType)
 from gguf import quants
 
 from fanformer.export import gguf_format as names
+from fanformer.export import gguf_kquants
 from fanformer.checkpoint import model_state_dict, read_quantization_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
@@ -172,15 +180,24 @@ def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAULT_WEIGHT_TYPE,
-                arch: str = names.ARCH, force: bool = False) -> Path:
+                arch: str = names.ARCH, imatrix: str | Path | None = None, gptq: bool = False,
+                calib_data: list[str] | None = None, calib_samples: int = 128, force: bool = False,
+                progress: bool = True) -> Path:
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
-    gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model."""
+    gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
+    importance matrix file `imatrix` if given, or with `gptq` (export/gguf_gptq.py) on
+    `calib_samples` windows of `calib_data`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if type not in names.WEIGHT_TYPES:
         raise FANformerError(f"unsupported GGUF type {type!r}; choose one of {', '.join(names.WEIGHT_TYPES)}")
     if arch not in ARCHS:
         raise FANformerError(f"unsupported GGUF architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     check_output_file(out, force)
+    importance = {}
+    if imatrix is not None:
+        from fanformer.export.gguf_imatrix import read_imatrix
+
+        importance = read_imatrix(imatrix)
     qconfig = read_quantization_config(checkpoint)
     model = load_any_model(checkpoint)
     config = model.config
@@ -196,6 +213,26 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     tokens, token_types, merges = vocabulary(tokenizer, config.vocab_size)
     weight_type, file_type = names.WEIGHT_TYPES[type]
     carried_type = None
+    precomputed = {}  # GGUF name -> (type, bytes) already quantized (GPTQ)
+    if gptq:
+        if qconfig is not None:
+            raise FANformerError(f"{checkpoint} is already quantized; --gptq quantizes the float checkpoint it came from")
+        if type not in names.WEIGHT_TYPES or type in ("f32", "f16", "bf16"):
+            raise FANformerError(f"--gptq only applies to quantized types, not --type {type}")
+        precomputed = _gptq(checkpoint, model, type, calib_data, calib_samples, progress)
+        model = load_any_model(checkpoint)  # the GPTQ pass overwrote the weights it quantized
+    if qconfig is not None and type in gguf_kquants.MIXTURES:
+        # A K-quant block is an fp16 super-block scale over 6-bit sub-block scales and mins;
+        # a GPTQ group's fp16 scale and integer zero are not of that form, so the integers
+        # cannot be carried: the dequantized weights are quantized into the mixture instead.
+        from fanformer.quant.linear import dequantized_model
+
+        model, _ = dequantized_model(model)
+        log.warning("%s holds GPTQ-layout integers (%d-bit, group size %s), which %s's blocks cannot hold "
+                    "exactly (6-bit sub-block scales and mins under an fp16 super-block scale): quantizing its "
+                    "dequantized weights to %s instead%s", checkpoint, qconfig["bits"], qconfig.get("group_size"),
+                    type, type, "" if importance else " (an --imatrix weighs that rounding)")
+        qconfig = None
     if qconfig is not None:
         from fanformer.export import gguf_carry
         carried_type = gguf_carry.target_type(qconfig["bits"], bool(qconfig.get("sym", True)))
@@ -231,8 +268,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
         writer.add_bool(names.TOKENIZER_ADD_BOS, False)
         writer.add_bool(names.TOKENIZER_ADD_EOS, False)
 
-        fell_back = []
+        fell_back, imatrix_used, unweighted = [], [], []
         carried = {}
+        mixture = type in gguf_kquants.MIXTURES or (importance and type in names.LEGACY_TYPES)
         for key, tensor in model_state_dict(model).items():  # the tied LM head is left out
             if key.endswith(QUANT_SIDE_TENSORS):
                 continue  # written with the layer's .qweight
@@ -252,16 +290,55 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
                 array = llama_permute(array, config.n_heads)
             elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
                 array = llama_permute(array, config.n_kv_heads)
-            qtype = tensor_type(array, weight_type)
-            if qtype != weight_type and array.ndim >= 2:
-                fell_back.append(names.gguf_tensor_name(key))
-            data = quants.quantize(np.ascontiguousarray(array), qtype)
-            writer.add_tensor(names.gguf_tensor_name(key), data, raw_dtype=qtype)
+            name = names.gguf_tensor_name(key)
+            if name in precomputed:
+                qtype, data = precomputed[name]
+                if arch == names.LLAMA_ARCH and key.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
+                    data = llama_permute(data, config.n_heads if "q_proj" in key else config.n_kv_heads)
+                writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
+                continue
+            if mixture and array.ndim >= 2:
+                wanted = gguf_kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
+                                                   config.tie_embeddings, bool(importance))
+                qtype = gguf_kquants.fallback_type(wanted, array.shape[-1])
+                if qtype != wanted:
+                    fell_back.append(f"{name} ({wanted.name.lower()} -> {qtype.name.lower()})")
+            else:
+                qtype = tensor_type(array, weight_type)
+                if qtype != weight_type and array.ndim >= 2:
+                    fell_back.append(f"{name} ({type} -> {qtype.name.lower()})")
+            weights = importance.get(name) if qtype not in names.FLOAT_GGML_TYPES else None
+            if weights is not None:
+                imatrix_used.append(name)
+            elif qtype not in names.FLOAT_GGML_TYPES:
+                unweighted.append(name)
+            if qtype in names.FLOAT_GGML_TYPES or (weights is None and qtype in gguf_kquants.REFERENCE_TYPES):
+                data = quants.quantize(np.ascontiguousarray(array), qtype)  # gguf-py: the reference bytes
+            else:
+                data = gguf_kquants.quantize(array.reshape(-1, array.shape[-1]), qtype, weights)
+            writer.add_tensor(name, data, raw_dtype=qtype)
         if fell_back:
-            block_size, _ = GGML_QUANT_SIZES[weight_type]
-            log.warning("%d tensor(s) stored as %s instead of %s (row length not a multiple of %d): %s",
-                        len(fell_back), names.FALLBACK_TYPE.name.lower(), type, block_size, ", ".join(fell_back))
+            log.warning("%d tensor(s) in another type, their row length not a multiple of the type's block "
+                        "(as llama.cpp falls back): %s", len(fell_back), ", ".join(fell_back))
+        if importance:
+            log.info("importance matrix applied to %d tensors%s", len(imatrix_used),
+                     f"; it has no entry for {', '.join(unweighted)}" if unweighted else "")
         if qconfig is not None:
             gguf_carry.log_report(carried, qconfig)
 
     return write_file_atomically(out, write)
+
+
+def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, calib_samples: int,
+          progress: bool) -> dict:
+    """export/gguf_gptq.py's tensors for `model`, calibrated on `calib_data`'s training split."""
+    from fanformer.export.gguf_gptq import gptq_tensors
+    from fanformer.quant.calibration import calibration_tokens
+    from fanformer.quant.config import GPTQConfig
+
+    config = GPTQConfig(bits=4, calib_samples=calib_samples).for_model(model.config.max_seq_len)
+    if names.WEIGHT_TYPES[type][0] != GGMLQuantizationType.Q4_K:
+        log.warning("GPTQ runs on Q4_K's grid only (q4_k_s, q4_k_m); the %s tensors are quantized with each "
+                    "layer's Hessian diagonal as their importance matrix instead, block by block", type)
+    windows = calibration_tokens(load_tokenizer(checkpoint), calib_data, config.calib_samples, config.calib_seq_len)
+    return gptq_tensors(model, type, windows, config, progress)

@@ -92,9 +92,24 @@ WEIGHT_TYPES = {
     "q5_1": (GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
     "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    # llama.cpp's K-quant and 4-bit i-quant mixtures: the base type, some tensors higher
+    # (export/gguf_kquants.py).
+    "q2_k": (GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K),
+    "q3_k_s": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "q3_k_m": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "q3_k_l": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
+    "q4_k_s": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q4_k_m": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_s": (GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
+    "q5_k_m": (GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q6_k": (GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "iq4_nl": (GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+    "iq4_xs": (GGMLQuantizationType.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
 }
+LEGACY_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # one type for every 2-D weight
 DEFAULT_WEIGHT_TYPE = "f16"
 SMALL_TENSOR_TYPE = GGMLQuantizationType.F32
+FLOAT_GGML_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 # A 2-D tensor whose row length (ne[0] = in_features) is not a multiple of the quant
 # block (32 for every q* type above, so no other q* type fits either) is stored in this
 # type, as llama.cpp's convert_hf_to_gguf.py and llama-quantize both do.
@@ -184,12 +199,30 @@ class GGUFOptions:
                             choices=tuple(WEIGHT_TYPES))
     arch: str = knob(ARCH, "fanformer (every option) or llama (llama.cpp's own; p=0 pre-norm models only)",
                      choices=(ARCH, LLAMA_ARCH))
+    imatrix: str | None = knob(None, "importance matrix (llama.cpp's imatrix GGUF, from `fanformer imatrix` or "
+                                     "llama-imatrix) weighting the rounding error of q* and k-quant types")
+    gptq: bool = knob(False, "GPTQ on Q4_K's grid (q4_k_s/q4_k_m; other types: Hessian-weighted), calibrated on "
+                             "--calib-data; the float checkpoint only")
+    calib_data: tuple[str, ...] = knob((), "--gptq: corpus files/folders/globs whose TRAINING split calibrates "
+                                           "(default: the Python standard library; repeatable)")
+    calib_samples: int = knob(128, "--gptq: calibration windows")
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in WEIGHT_TYPES:
             raise FANformerError(f"unsupported GGUF type {self.type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
         if self.arch not in (ARCH, LLAMA_ARCH):
             raise FANformerError(f"unsupported GGUF architecture {self.arch!r}; choose one of {ARCH}, {LLAMA_ARCH}")
+        if self.gptq and self.imatrix is not None:
+            raise FANformerError("--gptq measures the layers' full Hessians itself; drop --imatrix")
+        if self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in ("f32", "f16", "bf16"):
+            raise FANformerError(f"--gptq only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
+        if not self.gptq and (self.calib_data or self.calib_samples != 128):
+            raise FANformerError("--calib-data and --calib-samples only apply with --gptq (for an importance "
+                                 "matrix, run `fanformer imatrix` and pass --imatrix)")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise FANformerError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
+        if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in ("f32", "f16", "bf16"):
+            raise FANformerError(f"--imatrix only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
 
 
 def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
@@ -201,6 +234,10 @@ def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
     carried = carried_type(quantization["bits"], quantization["sym"]) if quantization else None
     parts = [checkpoint.name] + (["llama"] if options.arch == LLAMA_ARCH else [])
     parts.append(options.type or carried or DEFAULT_WEIGHT_TYPE)
+    if options.imatrix is not None:
+        parts.append("imatrix")
+    if options.gptq:
+        parts.append("gptq")
     return checkpoint.with_name("-".join(parts) + FILE_SUFFIX)
 
 
@@ -208,7 +245,9 @@ def write(checkpoint: Path, out: Path, options: GGUFOptions, force: bool, valida
     from fanformer.export.gguf_export import export_gguf
 
     # No check runs here (`validate` is not called): the GGUF tests and the drift table run the file.
-    return export_gguf(checkpoint, out, type=options.type or DEFAULT_WEIGHT_TYPE, arch=options.arch, force=force)
+    return export_gguf(checkpoint, out, type=options.type or DEFAULT_WEIGHT_TYPE, arch=options.arch,
+                       imatrix=options.imatrix, gptq=options.gptq, calib_data=list(options.calib_data) or None,
+                       calib_samples=options.calib_samples, force=force)
 
 
 register(ExportFormat("gguf", "one file for llama.cpp-style runtimes", GGUFOptions, default_output, write))

@@ -24,11 +24,10 @@ import hashlib
 import numpy as np
 import onnx
 import torch
-import torch.nn as nn
 from onnx import helper, numpy_helper
 
 from fanformer.errors import FANformerError
-from fanformer.quant.linear import QuantLinear, set_module
+from fanformer.quant.linear import QuantLinear
 from fanformer.quant.packing import unpack
 
 CARRY_BITS = (4, 8)
@@ -88,20 +87,6 @@ def layer_integers(layer: QuantLinear) -> dict:
         zp = z.reshape(-1)
     return {"B": np.ascontiguousarray(b), "scales": layer.scales.t().float().numpy().reshape(-1).copy(),
             "zero_points": np.ascontiguousarray(zp), "K": k, "N": n, "bits": bits, "block_size": block}
-
-
-def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
-    """`model` with each QuantLinear replaced by an nn.Linear of its dequantized weight;
-    returns the model and the QuantLinears by name."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, layer in layers.items():
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(layer.dequantized_weight())
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias.float())
-        set_module(model, name, linear)
-    return model, layers
 
 
 def _digest(array: np.ndarray) -> str:

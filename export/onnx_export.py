@@ -184,8 +184,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
     check_output_dir(out, force)
     if qconfig is not None:
         from fanformer.quant.checkpoint import load_quantized_model
+        from fanformer.quant.linear import dequantized_model
 
-        model, carried = onnx_carry.dequantized_model(load_quantized_model(checkpoint))
+        model, carried = dequantized_model(load_quantized_model(checkpoint))
         for layer in carried.values():  # refuse before exporting anything
             onnx_carry.layer_integers(layer)
     else:

@@ -115,8 +115,8 @@ class FusedBuilder:
     def linear(self, x: str, layers: list[nn.Module], out_scale: torch.Tensor | None = None) -> str:
         """x @ [W_1; W_2; ...]^T (+ biases) as one node: a MatMul over float weights or a
         MatMulNBits over carried integers; `out_scale` multiplies the output columns."""
-        names_ = [self.module_names[layer] for layer in layers]
-        quantized = [self.carried.get(name) for name in names_]
+        layer_names = [self.module_names[layer] for layer in layers]
+        quantized = [self.carried.get(name) for name in layer_names]
         if any(quantized) and not all(quantized):  # mixed: emit apart, concatenate
             return self.g.op("Concat", [self.linear(x, [layer]) for layer in layers], axis=-1)
         biases = [layer.bias for layer in layers]
@@ -125,14 +125,14 @@ class FusedBuilder:
             bias = torch.cat([b.detach().float() if b is not None else torch.zeros(layer.out_features)
                               for b, layer in zip(biases, layers)])
         if all(quantized):
-            y = self._matmul_nbits(x, quantized, names_[0], out_scale, bias)
+            y = self._matmul_nbits(x, quantized, layer_names[0], out_scale, bias)
         else:
             w = torch.cat([layer.weight.detach().float() for layer in layers])  # (N, K)
             if out_scale is not None:
                 w = w * out_scale[:, None]
-            y = self.g.op("MatMul", [x, self.g.weight(f"{names_[0]}.weight_T", w.t())])
+            y = self.g.op("MatMul", [x, self.g.weight(f"{layer_names[0]}.weight_T", w.t())])
             if bias is not None:
-                y = self.g.op("Add", [y, self.g.weight(f"{names_[0]}.bias", bias * (out_scale if out_scale
+                y = self.g.op("Add", [y, self.g.weight(f"{layer_names[0]}.bias", bias * (out_scale if out_scale
                                                                                       is not None else 1))])
         return y
 
@@ -266,7 +266,7 @@ class FusedBuilder:
         return {"seqlens_k": seqlens_k, "total": total, "cos": cos, "sin": sin, "bias": bias}
 
     def build(self) -> onnx.ModelProto:
-        m, c, g = self.model, self.config, self.g
+        m, g = self.model, self.g
         common = self.common_inputs()
         x = g.op("Gather", [g.weight("embed.weight", m.embed.weight), names.INPUT_IDS], axis=0)  # (B, S, C)
         delta = None  # the residual is x + delta; the add is fused into the next norm

@@ -124,6 +124,28 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    @classmethod
+    def join(cls, parts: list[tuple["KVCache", list[int]]], length: int) -> "KVCache":
+        """A cache of `length` positions holding the listed rows of each part, in order.
+
+        Sequences are left-padded, so each part's last positions (up to `length` of them)
+        are kept, right-aligned to end at `length`; what comes before is zeros, which the
+        caller masks as padding. A server's batch takes new sequences in and lets finished
+        ones go between decode steps this way (runtime/scheduler.py)."""
+        joined = cls(parts[0][0].n_layers)
+        for layer in range(joined.n_layers):
+            for buffers, joined_buffers in ((lambda c: c.keys, joined.keys), (lambda c: c.values, joined.values)):
+                chunks = []
+                for cache, rows in parts:
+                    held, take = cache.lengths[layer], min(cache.lengths[layer], length)
+                    source = buffers(cache)[layer]  # (B, nkv, capacity, hs)
+                    chunk = source.new_zeros(len(rows), source.shape[1], max(2 * length, 64), source.shape[3])
+                    chunk[:, :, length - take:length] = source[rows, :, held - take:held]
+                    chunks.append(chunk)
+                joined_buffers[layer] = torch.cat(chunks)
+            joined.lengths[layer] = length
+        return joined
+
 
 def _grown(buffer: torch.Tensor | None, like: torch.Tensor, used: int, needed: int) -> torch.Tensor:
     """A buffer of at least twice the needed length holding the first `used` positions."""

@@ -103,3 +103,17 @@ def swap_in(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Module:
     for name, layer in layers.items():
         set_module(model, name, layer)
     return model
+
+
+def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
+    """`model` with each QuantLinear replaced by an nn.Linear of its dequantized weight;
+    returns the model and the QuantLinears by name."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in layers.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(layer.dequantized_weight())
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias.float())
+        set_module(model, name, linear)
+    return model, layers

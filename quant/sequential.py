@@ -8,6 +8,8 @@ it really produces. The LM head, when quantized, is the last stage (after the fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -51,7 +53,12 @@ class Stages:
 
 
 def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQConfig, calibration: torch.Tensor,
-                    stages: list[tuple[str, list[str]]], progress: bool) -> dict[str, QuantizedWeight]:
+                    stages: list[tuple[str, list[str]]], progress: bool,
+                    quantize_layer: Callable[[str, torch.Tensor, torch.Tensor], tuple[object, torch.Tensor]] | None = None
+                    ) -> dict[str, object]:
+    """Quantize `layers` stage by stage; each layer by `gptq_quantize` on the config's grid,
+    or by `quantize_layer(name, weight, H) -> (result, dequantized weight)` when given (a
+    GPTQ on another grid: export/gguf_gptq.py's Q4_K). Returns {name: result}."""
     device = model.embed.weight.device
     run = Stages(model, calibration, config.batch_size)
     results = {}
@@ -70,10 +77,14 @@ def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQ
                 hook.remove()
         for name in names:
             layer = layers[name]
-            result = gptq_quantize(layer.weight.data, hessians[name].H, config.bits, config.group_size, config.sym,
-                                   act_order=config.act_order, percdamp=config.percdamp,
-                                   blocksize=config.blocksize, name=name)
-            layer.weight.data.copy_(result.dequantize().to(layer.weight.dtype))
+            if quantize_layer is None:
+                result = gptq_quantize(layer.weight.data, hessians[name].H, config.bits, config.group_size,
+                                       config.sym, act_order=config.act_order, percdamp=config.percdamp,
+                                       blocksize=config.blocksize, name=name)
+                weight = result.dequantize()
+            else:
+                result, weight = quantize_layer(name, layer.weight.data, hessians[name].H)
+            layer.weight.data.copy_(weight.to(layer.weight.dtype))
             results[name] = result
             del hessians[name]
         run.advance(prefix)  # the quantized block's outputs feed the next

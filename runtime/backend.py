@@ -74,6 +74,18 @@ class Backend(ABC):
         """Logits (B, T, vocab) of unpadded windows, no cache: what perplexity needs."""
         return self.forward(input_ids, torch.ones_like(input_ids), None)
 
+    # Batched serving (runtime/scheduler.py): sequences join a running batch and leave it
+    # between decode steps, which needs a cache rebuilt from rows of other caches. A backend
+    # that can do that sets `batching` and implements `join_caches`; the others are served
+    # one sequence at a time, in order.
+    batching: bool = False
+
+    def join_caches(self, parts: list[tuple[object, list[int]]], length: int) -> object:
+        """A new cache of `length` positions holding the listed rows of each (cache, rows)
+        part, in order: each part's last positions (up to `length`) right-aligned, left
+        padding before them that callers mask. The parts stay valid."""
+        raise NotImplementedError(f"the {self.info.format} backend serves one sequence at a time")
+
 
 @dataclass(frozen=True)
 class BackendSpec:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 KV_PAD = 256  # cache positions attended grow in steps of this (llama.cpp pads n_kv to 256 too)
 MAX_GRAPHS = 8  # graphs kept per store (least recently used dropped): prefill lengths vary
+MAX_IDLE_STORES = 4  # KV stores no cache uses, kept for the next new_cache (least recently used freed)
 REPACK_BUFFER = b"CPU_REPACK"
 # ggml-python 0.0.45 declares this function's result as a Python int (ctypes' c_int), which
 # cuts a 64-bit pointer to 32 bits: the same C function, declared with a pointer result.
@@ -278,10 +279,45 @@ class GGMLEngine:
         n_ctx = self.config.max_seq_len if tokens <= self.config.max_seq_len else -(-tokens // KV_PAD) * KV_PAD
         for store in self.stores:
             if store.owner() is None and store.batch == batch and store.n_ctx >= n_ctx:
+                self.stores.remove(store)
+                self.stores.append(store)  # most recently used last
                 return GGMLCache(store)
+        # A server's batch changes size as sequences come and go (join_caches), leaving a
+        # store behind for each size: keep only the most recently used idle ones.
+        idle = [store for store in self.stores if store.owner() is None]
+        for store in idle[:max(0, len(idle) - MAX_IDLE_STORES)]:
+            store.free()
+            self.stores.remove(store)
         store = KVStore(self.model, self.backend, self.kv_type, batch, n_ctx)
         self.stores.append(store)
         return GGMLCache(store)
+
+    def join_caches(self, parts: list[tuple[GGMLCache, list[int]]], length: int) -> GGMLCache:
+        """A cache of `length` positions holding the listed rows of each part, in order, each
+        part's last positions right-aligned (the Backend.join_caches contract). A store
+        keeps sequence b's positions in rows b * n_ctx ..., so each row moves as one copy."""
+        joined = self.new_cache(sum(len(rows) for _, rows in parts))
+        store = joined.store
+        for cache, _ in parts:
+            if cache.store.owner() is not cache:
+                raise FANformerError("this KV cache's memory went to a newer cache; start again with new_cache")
+        for layer in range(self.config.n_layers):
+            for kind in ("k", "v"):
+                target = getattr(store, kind)[layer]
+                row_bytes = G.ggml_nbytes(target) // (store.batch * store.n_ctx)
+                target_data = _address(target)
+                slot = 0
+                for cache, rows in parts:
+                    source = getattr(cache.store, kind)[layer]
+                    source_data, source_ctx = _address(source), cache.store.n_ctx
+                    take = min(cache.length, length)
+                    for row in rows:
+                        ctypes.memmove(target_data + (slot * store.n_ctx + length - take) * row_bytes,
+                                       source_data + (row * source_ctx + cache.length - take) * row_bytes,
+                                       take * row_bytes)
+                        slot += 1
+        joined.length = length
+        return joined
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: GGMLCache | None,
                 last_only: bool = False) -> torch.Tensor:
@@ -321,6 +357,11 @@ class GGMLEngine:
         logits = np.empty((B, 1 if last_only else T, vocab), dtype=np.float32)
         G.ggml_backend_tensor_get(graph.logits, logits.ctypes.data_as(ctypes.c_void_p), 0, logits.nbytes)
         return torch.from_numpy(logits)
+
+
+def _address(tensor) -> int:
+    """Where a tensor's data lies in host memory (every buffer here is the CPU backend's)."""
+    return int(G.ggml_get_data(tensor))
 
 
 def _set(tensor, array: np.ndarray) -> None:

@@ -39,10 +39,10 @@ from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.export import gguf_format as names
 from fanformer.export.gguf_read import Metadata, config_from_metadata, llama_unpermute, open_gguf, tokenizer_from_metadata
-from fanformer.model import FANformer
+from fanformer.model import FANformer, KVCache
 from fanformer.validate import check_context_fits, check_finite
 from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
-from fanformer.runtime.gguf_layers import (FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
+from fanformer.runtime.gguf_layers import (DEQUANTIZED_TYPES, FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
                                            dequantize, make_linear)
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class GGUFBackend(Backend):
         """A tensor as stored, checked against the shape the config implies: a torch view
         of the memory map, (rows, n) for float types and (rows, row bytes) for q* types."""
         qtype, gguf_shape = tensor.tensor_type, _gguf_shape(tensor)
-        allowed = FLOAT_TYPES if len(shape) == 1 else FLOAT_TYPES + QUANT_TYPES
+        allowed = FLOAT_TYPES if len(shape) == 1 else FLOAT_TYPES + QUANT_TYPES + DEQUANTIZED_TYPES
         if qtype not in allowed:
             raise FANformerError(f"{path}: tensor {tensor.name} is {qtype.name}; a {len(shape)}-D tensor must be one of "
                                  f"{', '.join(t.name for t in allowed)}")
@@ -237,6 +237,11 @@ class GGUFBackend(Backend):
 
     def new_cache(self, batch_size: int):
         return self.ggml.new_cache(batch_size) if self.ggml is not None else self.module.new_cache()
+
+    batching = True
+
+    def join_caches(self, parts, length):
+        return self.ggml.join_caches(parts, length) if self.ggml is not None else KVCache.join(parts, length)
 
     def forward(self, input_ids, attention_mask, cache):
         return self._run(input_ids, attention_mask, cache, last_only=False)

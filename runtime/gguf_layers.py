@@ -33,8 +33,12 @@ How weights are held (nothing is kept in fp32 unless the file is fp32) and multi
   scales (its fp32 path is a slow reference loop); every other part of the model stays
   fp32. torch has no CPU kernel for int8 with a scale per block of 32
   (`aten._weight_int8pack_mm` takes one scale per row), hence the two planes for Q8_0.
+- K-quant and 4-bit i-quant weights (Q2_K ... Q6_K, IQ4_NL, IQ4_XS) have no fast path in
+  this engine yet: gguf-py dequantizes them once at load and they run as 16-bit or fp32
+  weights, as above (the ggml engine runs them in their own blocks).
 - The token embedding keeps its raw blocks (a view of the memory map) and only the
-  rows a step looks up are dequantized, with the pure `dequantize_*` functions below.
+  rows a step looks up are dequantized, with the pure `dequantize_*` functions below
+  (gguf-py's for the K- and i-quants).
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 Q = GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 QUANT_TYPES = (Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1)
+# Read, but dequantized by gguf-py at load (no fast path here yet).
+DEQUANTIZED_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
 TORCH_FLOAT = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 INT4_GROUP = 32  # every supported q* type has blocks of 32, one kernel group each
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds of torch
@@ -116,6 +122,8 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """A tensor as stored (rows, row bytes) for q* types, (rows, n) for float types -> float32 (rows, n)."""
     if qtype in FLOAT_TYPES:
         return data.view(TORCH_FLOAT[qtype]).float()
+    if qtype in DEQUANTIZED_TYPES:
+        return torch.from_numpy(quants.dequantize(data.numpy(), qtype))
     _, type_size = GGML_QUANT_SIZES[qtype]
     blocks = data.unflatten(-1, (-1, type_size))  # (rows, n / 32, type_size)
     return DEQUANTIZE[qtype](blocks).flatten(-2)
@@ -297,6 +305,8 @@ class GGUFEmbedding(nn.Module):
 def make_linear(data: torch.Tensor, qtype: GGMLQuantizationType, bias: torch.Tensor | None) -> nn.Module:
     if qtype in FLOAT_TYPES:
         return float_linear(data.view(TORCH_FLOAT[qtype]), bias)
+    if qtype in DEQUANTIZED_TYPES:
+        return float_linear(dequantize(data, qtype).to(torch.float16), bias)
     _, type_size = GGML_QUANT_SIZES[qtype]
     return Int4Linear(data.unflatten(-1, (-1, type_size)), qtype, bias)
 

@@ -39,11 +39,14 @@ def onnx_model_file(path: Path) -> Path | None:
 
 class OnnxCache:
     """The past keys and values of every layer: numpy arrays on the CPU, OrtValues on CUDA;
-    for the fused graph, OrtValue buffers whose first `length` positions are filled."""
+    for the fused graph, OrtValue buffers whose first `length` positions are filled, and the
+    I/O binding that holds them (bound once per buffer, not per step)."""
 
     def __init__(self, past: list, length: int = 0):
         self.past = past
         self.length = length
+        self.binding = None
+        self.logits = {}  # (B, T) -> a preallocated logits buffer (numpy, OrtValue)
 
 # The fused graph's first KV buffer length; it doubles as sequences grow.
 FIRST_CAPACITY = 256
@@ -159,16 +162,27 @@ class OnnxBackend(Backend):
         if total > capacity:
             new_capacity = min(max(2 * capacity, total), self.config.max_seq_len)
             cache.past = self._buffers(feeds[0].shape[0], new_capacity, cache.past)
-        binding = self.session.io_binding()
+            cache.binding = None
+        if cache.binding is None:
+            cache.binding = self.session.io_binding()
+            for past, present, value in zip(self.input_names[len(feeds):], self.output_names[1:], cache.past):
+                cache.binding.bind_ortvalue_input(past, value)
+                cache.binding.bind_ortvalue_output(present, value)
+        binding = cache.binding
         for name, value in zip(self.input_names, feeds):
             binding.bind_cpu_input(name, value)
-        binding.bind_output(names.LOGITS, "cpu")
-        for past, present, value in zip(self.input_names[len(feeds):], self.output_names[1:], cache.past):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        # Logits into a buffer kept per shape (a decode step's is the same every time), read
+        # back without wrapping every output.
+        if (batch, new) not in cache.logits:
+            import onnxruntime as ort
+
+            array = np.empty((batch, new, self.config.vocab_size), dtype=self.kv_dtype)
+            cache.logits[batch, new] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        array, value = cache.logits[batch, new]
+        binding.bind_ortvalue_output(names.LOGITS, value)
         ort_run(self.info.path, self.session.run_with_iobinding, binding)
         cache.length = total
-        return torch.from_numpy(binding.get_outputs()[0].numpy()).float()
+        return torch.from_numpy(array).float().clone() if array.dtype == np.float32 else torch.from_numpy(array).float()
 
     def _run_cpu(self, feeds: list, past: list):
         outputs = ort_run(self.info.path, self.session.run, self.output_names, dict(zip(self.input_names, feeds + past)))

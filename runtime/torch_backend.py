@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fanformer.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_generation_config
-from fanformer.model import FANformer
+from fanformer.model import FANformer, KVCache
 from fanformer.quant.checkpoint import load_any_model
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
@@ -63,6 +63,11 @@ class TorchBackend(Backend):
 
     def new_cache(self, batch_size: int):
         return self.model.new_cache()
+
+    batching = True
+
+    def join_caches(self, parts, length):
+        return KVCache.join(parts, length)
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask, cache):

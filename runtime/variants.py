@@ -159,6 +159,34 @@ def exported(format: str, **options) -> Build:
     return build
 
 
+def imatrix_exported(type: str) -> Build:
+    """The GGUF export quantized with the checkpoint's importance matrix, measured once per
+    context on its calibration windows (export/gguf_imatrix.py)."""
+    def build(context: BuildContext, source: Path, out: Path) -> None:
+        from fanformer.export import export
+        from fanformer.export.gguf_imatrix import make_imatrix
+
+        imatrix = context.work / "importance.imatrix.gguf"
+        if not imatrix.exists():
+            make_imatrix(source, imatrix, context.data, context.calib_samples or 64, cache_dir=context.cache_dir,
+                         progress=context.progress)
+        export(source, "gguf", out, force=True, type=type, imatrix=str(imatrix))
+
+    return build
+
+
+def gptq_exported(type: str) -> Build:
+    """The GGUF export with GPTQ on Q4_K's grid (export/gguf_gptq.py), calibrated on the
+    context's corpus and windows."""
+    def build(context: BuildContext, source: Path, out: Path) -> None:
+        from fanformer.export import export
+
+        export(source, "gguf", out, force=True, type=type, gptq=True, calib_data=tuple(context.data or ()),
+               calib_samples=context.calib_samples or 128)
+
+    return build
+
+
 # --- The registry ----------------------------------------------------------------------
 
 VARIANTS: dict[str, Variant] = {}
@@ -202,6 +230,15 @@ _add("onnx-int4-plain", "onnx", "MatMulNBits int4 with float activations, standa
 for _type, _bits in (("f16", 16), ("q8_0", 8), ("q5_0", 5), ("q4_0", 4), ("q4_1", 4)):
     _add(f"gguf-{_type}", "gguf", _type, _bits, exported("gguf", type=_type), GGUF_FILE.format(f"gguf-{_type}"),
          devices=CPU)
+# llama.cpp's most shipped K-quant mixtures and 4-bit i-quant, plain and with an importance
+# matrix (rows not in whole super-blocks of 256 fall back as llama.cpp's do: see the export log).
+for _type, _bits in (("q6_k", 6), ("q4_k_m", 4), ("iq4_xs", 4)):
+    _add(f"gguf-{_type}", "gguf", f"llama.cpp's {_type.upper()} mixture", _bits, exported("gguf", type=_type),
+         GGUF_FILE.format(f"gguf-{_type}"), devices=CPU)
+_add("gguf-q4_k_m-imatrix", "gguf", "Q4_K_M with an importance matrix", 4, imatrix_exported("q4_k_m"),
+     GGUF_FILE.format("gguf-q4_k_m-imatrix"), devices=CPU)
+_add("gguf-q4_k_m-gptq", "gguf", "Q4_K_M, GPTQ on Q4_K's grid", 4, gptq_exported("q4_k_m"),
+     GGUF_FILE.format("gguf-q4_k_m-gptq"), devices=CPU)
 _add("gptq-w4g32-gguf", "gguf", "GPTQ g32 carried into q4_0", 4, exported("gguf"), GGUF_FILE.format("gptq-w4g32"),
      source="gptq-w4g32", devices=CPU)
 _add("gptq-w4g128-onnx", "onnx", "GPTQ g128 carried into MatMulNBits", 4, exported("onnx"), source="gptq-w4g128",

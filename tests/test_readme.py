@@ -12,12 +12,16 @@ that cannot run here carries a `<!-- readme-test: skip, REASON -->` line just ab
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -39,8 +43,11 @@ SHRINK = [
     (r"--max-tokens \d+", "--max-tokens 300"),
     (r"--calib-samples \d+", "--calib-samples 4"),
     (r"--calib-seq-len \d+", "--calib-seq-len 32"),
+    (r"--chunks \d+", "--chunks 4"),
     (r"--data corpus/", "--data corpus"),
     (r"(benchmarks/fuzz\.py.*)--cases \d+", r"\1--cases 1"),
+    (r"--requests \d+", "--requests 1"),
+    (r"--repeat \d+", "--repeat 1"),
 ]
 # ... and flags added where a command leaves them out (None: a flag without a value).
 ADD = {
@@ -50,9 +57,11 @@ ADD = {
     "drift": {"--max-tokens": "300", "--data": "corpus", "--variants": "gguf-q8_0", "--no-speed": None,
               "--calib-samples": "4"},
     "quantize": {},
+    "imatrix": {"--calib-data": "corpus"},
     "experiment": {"--steps": "3", "--seeds": "1", "--jobs": "1"},
     "benchmarks/quant_drift.py": {"--max-tokens": "300", "--calib-samples": "4", "--calib-seq-len": "32"},
     "benchmarks/quantize.py": {"--calib-samples": "4", "--calib-seq-len": "32"},
+    "benchmarks/serve_load.py": {"--max-tokens": "8", "--clients": "2"},
 }
 CALIBRATED = {"--calib-data": "corpus", "--calib-samples": "4", "--calib-seq-len": "32"}
 PYTHON_SHRINK = [
@@ -102,6 +111,8 @@ def shrink(command: str) -> list[str]:
     added = dict(ADD.get(key, {}))
     if key == "quantize" and any(m in argv for m in ("gptq", "awq")):
         added = CALIBRATED
+    if key == "export" and "--gptq" in argv:
+        added = {"--calib-data": "corpus", "--calib-samples": "4"}
     if key == "train" and "--resume" in argv:
         added["--max-steps"] = "5"  # on from the 3 steps it stopped at
     for flag, value in added.items():
@@ -121,6 +132,9 @@ def run_shell(command: str, workdir: Path, monkeypatch) -> None:
         argv = argv[1:]
     if argv[0] in ("python3", ".", "pip") or argv[:3] == ["python", "-m", "pytest"]:
         return  # set-up and the test suite itself (CI's .ci/run is the README's second command)
+    if argv[:2] == ["fanformer", "serve"]:
+        run_server(argv, workdir)
+        return
     if argv[0] == "fanformer":
         monkeypatch.setattr(train_commands, "QUICKSTART_DRIFT", QUICKSTART_DRIFT)
         monkeypatch.setattr(sys, "stdin", io.StringIO("def \n"))  # the interactive `generate`
@@ -140,9 +154,45 @@ def run_shell(command: str, workdir: Path, monkeypatch) -> None:
     assert done.returncode == 0, f"{command!r} exited {done.returncode}:\n{done.stderr[-3000:]}"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_server(argv: list[str], workdir: Path) -> None:
+    """`fanformer serve` runs until stopped: start it on a free port (another job may hold
+    the README's), check that it answers a completion, stop it."""
+    port = str(free_port())
+    argv = argv[:argv.index("--port") + 1] + [port] + argv[argv.index("--port") + 2:] if "--port" in argv \
+        else argv + ["--port", port]
+    process = subprocess.Popen([sys.executable, "-m", "fanformer.cli", *argv[1:]], cwd=workdir,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if process.poll() is not None:
+                raise AssertionError(f"{shlex.join(argv)!r} exited {process.returncode}:\n{process.stderr.read()[-3000:]}")
+            try:
+                model = json.loads(urllib.request.urlopen(f"{url}/v1/models", timeout=5).read())["data"][0]["id"]
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"{shlex.join(argv)!r} did not answer within 60 s")
+        body = json.dumps({"model": model, "prompt": "def ", "max_tokens": 8}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(request, timeout=60).read())["choices"][0]["text"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def run_python(code: str) -> None:
     for old, new in PYTHON_SHRINK:
         code = code.replace(old, new)
+    # The serving example's port 8080 (the only one in the README) may be taken here: a free one.
+    code = code.replace("8080", str(free_port()))
     with redirect_stdout(io.StringIO()):
         exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
 

@@ -1,12 +1,14 @@
-"""`fanformer export` and `fanformer quantize`: their formats, methods and flags come from
-the registries (`fanformer.export.formats()`, `fanformer.quant.methods()`)."""
+"""`fanformer export`, `fanformer quantize` and `fanformer imatrix`: the formats, methods and
+flags of the first two come from the registries (`fanformer.export.formats()`,
+`fanformer.quant.methods()`)."""
 
 from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
-from fanformer.cli.flags import add_option_flags, given_options, inapplicable
+from fanformer.cli.flags import add_option_flags, given_options, inapplicable, positive_int
 from fanformer.errors import FANformerError
 
 
@@ -47,6 +49,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_imatrix(args: argparse.Namespace) -> None:
+    """Compute an importance matrix: each linear layer's per-column mean of x^2 over calibration
+    text, written as llama.cpp's imatrix GGUF (for `fanformer export --format gguf --imatrix`
+    and llama.cpp's `llama-quantize --imatrix`)."""
+    from fanformer.export.gguf_imatrix import make_imatrix
+
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.with_name(f"{checkpoint.name}.imatrix.gguf")
+    out, chunks, ctx = make_imatrix(checkpoint, out, args.calib_data, args.chunks, args.ctx, args.cache_dir,
+                                    progress=not args.quiet, force=args.force)
+    print(f"wrote {out} ({chunks} chunks of {ctx} tokens)")
+
+
 def format_quant_report(report: dict) -> str:
     layers = report["layers"]
     width = max(len(name) for name in layers)
@@ -67,6 +82,18 @@ def format_quant_report(report: dict) -> str:
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.description = RUN[name].__doc__
+    if name == "imatrix":
+        parser.add_argument("checkpoint", help="float checkpoint directory")
+        parser.add_argument("--calib-data", nargs="+", help="corpus files/folders/globs whose TRAINING split "
+                            "calibrates (default: the Python standard library)")
+        parser.add_argument("--chunks", type=positive_int, default=64, help="calibration windows (default 64)")
+        parser.add_argument("--ctx", type=positive_int, default=512,
+                            help="tokens per window, capped at the model's context (default 512)")
+        parser.add_argument("--out", help="output file (default <checkpoint>.imatrix.gguf beside it)")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+        parser.add_argument("--cache-dir", help="token cache (default $FANFORMER_CACHE or ~/.cache/fanformer)")
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        return
     if name == "export":
         from fanformer.export import formats
 
@@ -101,7 +128,7 @@ def summary(cls: type) -> str:
     return re.split(r"(?<=\))[.:]\s|:\s|\.\s(?=[A-Z])", first)[0].replace("%", "%%")
 
 
-RUN = {"export": cmd_export, "quantize": cmd_quantize}
+RUN = {"export": cmd_export, "quantize": cmd_quantize, "imatrix": cmd_imatrix}
 
 
 def run(name: str, args: argparse.Namespace):
