@@ -9,6 +9,7 @@ export/gguf_format.py.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.export import gguf_format as names
+from fanformer.export.gguf_scan import scan_gguf
+from fanformer.tokenizer import PROBE_TEXT
+from fanformer.validate import check_block_count, foreign_errors
+
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 SUPPORTED_VERSIONS = (2, 3)
 
@@ -37,6 +43,7 @@ def open_gguf(path: Path) -> GGUFReader:
     if version not in SUPPORTED_VERSIONS:
         raise FANformerError(f"{path} is GGUF version {version}; this reader supports versions "
                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}: convert it with a current llama.cpp")
+    scan_gguf(path)  # every count and length within the file, before GGUFReader trusts them
     try:
         # Copy-on-write: writable arrays for torch without touching the file; nothing is ever written.
         reader = GGUFReader(path, "c")
@@ -114,6 +121,9 @@ def config_from_metadata(meta: Metadata, arch: str, tensor_names: set[str]) -> F
         config = FANformerConfig(**fields)
     except FANformerError as err:
         raise FANformerError(f"{meta.path}: its hyperparameters are not a valid model ({err})") from None
+    # Before a model of this size is built: the sizes within the file, the blocks present.
+    config.check_sizes(meta.path.stat().st_size, meta.path)
+    check_block_count(config.n_layers, tensor_names, meta.path, _GGUF_BLOCK, names.BLOCK_COUNT.format(arch=arch))
     if arch == names.ARCH and meta.get(names.FAN_PERIODIC_LENGTH, arch=arch) not in (None, config.d_periodic):
         raise FANformerError(f"{meta.path}: {names.FAN_PERIODIC_LENGTH.format(arch=arch)} disagrees with "
                              f"{names.EMBEDDING_LENGTH.format(arch=arch)} * {names.FAN_PERIODIC_RATIO.format(arch=arch)}")
@@ -131,6 +141,10 @@ def tokenizer_from_metadata(meta: Metadata) -> tuple[Tokenizer, dict[str, int]]:
     tokens = meta.require(names.TOKENIZER_TOKENS, kind=list)
     types = meta.get(names.TOKENIZER_TOKEN_TYPE) or [int(TokenType.NORMAL)] * len(tokens)
     merges = meta.require(names.TOKENIZER_MERGES, kind=list)
+    if not isinstance(types, list):
+        raise FANformerError(f"{meta.path}: {names.TOKENIZER_TOKEN_TYPE} must be an array")
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
+        raise FANformerError(f"{meta.path}: {names.TOKENIZER_TOKENS} and {names.TOKENIZER_MERGES} must hold strings")
     if len(types) != len(tokens):
         raise FANformerError(f"{meta.path}: {names.TOKENIZER_TOKEN_TYPE} has {len(types)} entries for "
                              f"{len(tokens)} tokens")
@@ -138,17 +152,19 @@ def tokenizer_from_metadata(meta: Metadata) -> tuple[Tokenizer, dict[str, int]]:
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise FANformerError(f"{meta.path}: {names.TOKENIZER_MERGES} holds an entry that is not \"a b\"")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == TokenType.CONTROL])
+    with foreign_errors(f"{meta.path}: its tokenizer.ggml.* keys do not make a valid tokenizer"):
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, types) if kind == TokenType.CONTROL])
+        tok.decode(tok.encode(PROBE_TEXT).ids)  # fails now, not mid-generation
     eos = meta.require(names.TOKENIZER_EOS_ID)
     ids = {"bos_id": meta.require(names.TOKENIZER_BOS_ID), "eos_id": eos,
            "pad_id": meta.get(names.TOKENIZER_PAD_ID, eos)}
     for name, i in ids.items():
-        if not 0 <= i < len(tokens):
+        if not isinstance(i, int) or not 0 <= i < len(tokens):
             raise FANformerError(f"{meta.path}: the {name.split('_')[0]} token id {i} is outside the "
                                  f"{len(tokens)}-token vocabulary")
     return tok, ids

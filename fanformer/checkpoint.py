@@ -16,10 +16,10 @@ with renames, so a crash leaves the old checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fanformer.config import FANformerConfig
@@ -27,6 +27,8 @@ from fanformer.errors import FANformerError
 from fanformer.outputs import write_directory_atomically
 from fanformer.model import FANformer
 from fanformer.tokenizer import TOKENIZER_FILE
+from fanformer.validate import (check_block_count, check_dtype, check_finite, foreign_errors, read_json,
+                                safetensors_inventory)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,6 +40,11 @@ SHARDED_DIR = "sharded"  # torch.distributed.checkpoint shards of an FSDP run
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 QUANTIZATION_KEY = "quantization_config"  # in config.json of a quantized checkpoint (quant/checkpoint.py)
 
+# generation_config.json keys that generation reads (transformers' names), with their types;
+# others are kept but unused.
+GENERATION_KEYS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float, "min_length": int,
+                   "repetition_penalty": float, "bos_token_id": int, "eos_token_id": int, "pad_token_id": int}
+GENERATION_RANGES = {"top_p": lambda v: 0 < v <= 1, "repetition_penalty": lambda v: v > 0}  # others: >= 0
 # The seed card's inference defaults.
 DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 100, "top_p": 0.85}
 
@@ -113,6 +120,9 @@ def write_checkpoint_files(folder: Path, config: FANformerConfig, tokenizer, wei
 
 
 def load_config(path: str | Path) -> FANformerConfig:
+    """config.json of a checkpoint, checked against its weights file's header (layer count,
+    embedding shape, sizes within the file's bytes) before anything the size of the model
+    is built."""
     path = Path(path)
     if not path.exists():
         raise FANformerError(f"checkpoint {path} does not exist")
@@ -121,15 +131,24 @@ def load_config(path: str | Path) -> FANformerConfig:
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
         raise FANformerError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
-    return FANformerConfig.from_file(path)
+    config = FANformerConfig.from_file(path)
+    weights = path / WEIGHTS_FILE
+    inventory = safetensors_inventory(weights)
+    config.check_sizes(weights.stat().st_size, path / CONFIG_FILE)
+    check_block_count(config.n_layers, inventory, weights)
+    embed = inventory.get("embed.weight")
+    if embed is not None and embed[1] != (config.vocab_size, config.d_model):
+        raise FANformerError(f"{weights}: tensor embed.weight has shape {embed[1]}, config.json implies "
+                             f"{(config.vocab_size, config.d_model)} (vocab_size, d_model)")
+    return config
 
 
 def read_quantization_config(path: str | Path) -> dict | None:
     """config.json's `quantization_config` (a quantized checkpoint), or None (a float one)."""
     try:
         found = json.loads((Path(path) / CONFIG_FILE).read_text()).get(QUANTIZATION_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None  # load_config reports what is wrong with the file
     return found if isinstance(found, dict) else None
 
 
@@ -138,17 +157,21 @@ def load_generation_config(path: str | Path) -> dict:
     file = Path(path) / GENERATION_CONFIG_FILE
     if not file.is_file():
         return {}
-    try:
-        return json.loads(file.read_text())
-    except ValueError as err:
-        raise FANformerError(f"{file} is not valid JSON ({err}); fix or delete it") from None
+    generation = read_json(file)
+    for key, value in generation.items():
+        kind = GENERATION_KEYS.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is bool and not isinstance(value, bool) or kind is int and not (number and float(value).is_integer()) \
+                or kind is float and not number:
+            raise FANformerError(f"{file}: {key} is {value!r}, expected {'true or false' if kind is bool else 'a number'}")
+        if kind is not bool and not GENERATION_RANGES.get(key, lambda v: v >= 0)(value):
+            raise FANformerError(f"{file}: {key} is {value!r}, out of range")
+    return generation
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
+    with foreign_errors(f"{path} is corrupted or truncated; re-create it from a good copy"):  # Rust panics too
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise FANformerError(f"{path} is corrupted or truncated ({err}); re-create it from a good copy") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
@@ -180,6 +203,8 @@ def load_state(model: FANformer, state: dict[str, torch.Tensor], path: Path,
         if tuple(tensor.shape) != tuple(shapes[key].shape):
             raise FANformerError(f"{path / WEIGHTS_FILE}: tensor {key} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(shapes[key].shape)}")
+        check_dtype(key, tensor.dtype, shapes[key].dtype, path / WEIGHTS_FILE)
+        check_finite(key, tensor, path / WEIGHTS_FILE)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -202,8 +227,5 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor] | Non
         raise FANformerError(f"{path} has no training state to resume from (expected {TRAINING_STATE_FILE} "
                              f"and {TRAINER_STATE_FILE}; a run stopped before its first checkpoint "
                              "leaves none): start it again with --force")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        raise FANformerError(f"{state_file} is corrupted ({err})") from None
+    state = read_json(state_file)
     return (None if sharded else load_safetensors(tensors_file)), state

@@ -61,6 +61,12 @@ class FANformerConfig:
             raise FANformerError("invalid model config: " + "; ".join(problems))
 
     def _problems(self):
+        # Types first: a config.json value of the wrong type (a list, a string, null) must be
+        # reported, not raise TypeError from a comparison below.
+        wrong = list(self._type_problems())
+        if wrong:
+            yield from wrong
+            return
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "ffn_dim", "max_seq_len", "fourier_frequencies"):
             value = getattr(self, name)
@@ -103,6 +109,27 @@ class FANformerConfig:
                     and self.fourier_frequencies > self.vocab_size // 2:
                 yield (f"fourier_frequencies ({self.fourier_frequencies}) must be at most vocab_size / 2 "
                        f"({self.vocab_size // 2}): higher frequencies alias between the bin centres")
+
+    def _type_problems(self):
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is float:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    yield f"{f.name} must be a finite number, got {value!r}"
+            elif kind is not int and not isinstance(value, kind):  # ints: checked with their range below
+                yield f"{f.name} must be a {kind.__name__}, got {value!r}"
+
+    def check_sizes(self, n_bytes: int, source) -> None:
+        """Every width and count against the size of the file the weights come from: each is
+        the extent of at least one stored tensor, so none can exceed the file's byte count (a
+        damaged config.json or GGUF header claiming millions of layers is refused before a
+        model of that size is built). max_seq_len sizes a weight only in the FFTNet mixer."""
+        sized = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                 "fourier_frequencies"] + (["max_seq_len"] if self.mixer == "fftnet" else [])
+        for name in sized:
+            if getattr(self, name) > n_bytes:
+                raise FANformerError(f"{source}: {name} is {getattr(self, name):,}, more than the "
+                                     f"{n_bytes:,} bytes of weights it would size; the value is damaged")
 
     # Derived widths -----------------------------------------------------------
     @property
@@ -149,6 +176,8 @@ class FANformerConfig:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise FANformerError(f"config is not valid JSON ({err}); re-export the checkpoint") from None
+        except RecursionError:
+            raise FANformerError("config JSON nests too deeply to read; re-export the checkpoint") from None
         if not isinstance(data, dict):
             raise FANformerError("config JSON must be an object of config fields")
         return cls.from_dict(data)
@@ -160,7 +189,13 @@ class FANformerConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FANformerError(f"no config at {path}: expected a checkpoint directory with config.json")
-        return cls.from_json(path.read_text())
+        from fanformer.validate import read_json
+
+        data = read_json(path)
+        try:
+            return cls.from_dict(data)
+        except FANformerError as err:
+            raise FANformerError(f"{path}: {err}") from None
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "FANformerConfig":

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 # Bump when the cache layout or document rules change, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: files with NUL bytes are binary, skipped
 
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _GLOB_CHARS = set("*?[")
@@ -142,6 +142,8 @@ def resolve_files(specs: Sequence[str] | None) -> list[Path]:
 def _whole_file(path: Path) -> Iterator[tuple[str, int]]:
     """The file is one document; raises UnicodeDecodeError if it is not UTF-8."""
     data = path.read_bytes()
+    if b"\x00" in data:  # valid UTF-8, but no text file holds NUL bytes: a binary file with a text suffix
+        raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "a NUL byte")
     # Bytes -> str without newline translation, so documents are exactly the file contents.
     yield data.decode("utf-8"), len(data)
 
@@ -272,7 +274,7 @@ def _documents_with_progress(files: Sequence[Path], progress: tqdm | None = None
         if progress is not None:
             progress.update(max(0, Path(path).stat().st_size - done))
     if skipped:
-        logger.warning("skipped %d file(s) that are not UTF-8: %s", len(skipped), ", ".join(skipped))
+        logger.warning("skipped %d file(s) that are not UTF-8 text (binary?): %s", len(skipped), ", ".join(skipped))
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -452,7 +454,8 @@ def build_token_cache(
         counts = _write_splits(files, tokenizer, tmp, val_fraction, test_fraction, dtype, eos_id)
         if counts["tokens"]["train"] == 0:
             raise FANformerError(
-                f"corpus too small: none of the {len(files)} file(s) gave a training document; add more text"
+                f"corpus too small: none of the {len(files)} file(s) gave a training document (files that are "
+                "not UTF-8 text are skipped, with a warning); add more text"
             )
         meta = {
             "version": CACHE_VERSION,

@@ -68,6 +68,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
 
 from fanformer.checkpoint import check_output_dir, save_checkpoint
+from fanformer.processes import in_worker, terminate_pool, worker_signals
 from fanformer.outputs import write_file_atomically
 from fanformer.config import HEADS, FANformerConfig, knob
 from fanformer.errors import FANformerError
@@ -333,13 +334,16 @@ def run_experiment(config: ExperimentConfig, out: str | Path, force: bool = Fals
             done(run, train_and_save(run, configs[run.task][run.model], config, out))
     else:
         # spawn, not fork: a forked child of a process that has started OpenMP threads can hang.
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_signals)
         try:
-            futures = {pool.submit(train_and_save, run, configs[run.task][run.model], config, out): run
+            futures = {pool.submit(in_worker, train_and_save, run, configs[run.task][run.model], config, out): run
                        for run in runs}
             for future in as_completed(futures):
                 done(futures[future], future.result())
-        finally:  # on Ctrl-C or a failed run, drop the queued runs instead of training them first
+        except BaseException:  # Ctrl-C, SIGTERM or a failed run: end the running runs too, not only the queue
+            terminate_pool(pool)
+            raise
+        finally:
             pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
 

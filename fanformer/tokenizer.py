@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from fanformer.errors import FANformerError
 from fanformer.outputs import write_file_atomically
+from fanformer.validate import foreign_errors, read_json
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -127,11 +128,16 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise FANformerError(
             f"no tokenizer at {file}: train and save a tokenizer there first, or pass its path"
         )
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side raises a bare Exception for any parse error
-        raise FANformerError(
-            f"{file} is not a valid tokenizer.json ({e}); delete it and train a new tokenizer"
-        ) from e
-    special_token_ids(tok)
+    text = read_json(file)  # JSON errors (and nesting too deep for the Rust parser) named as such
+    # The Rust side raises a bare Exception for a bad vocabulary, or panics: both become one error.
+    with foreign_errors(f"{file} is not a valid tokenizer.json; delete it and train a new tokenizer"):
+        tok = Tokenizer.from_str(json.dumps(text))
+        special_token_ids(tok)
+        # A vocabulary can parse and still fail on use (merges over missing tokens, ids past the
+        # vocabulary): one round trip now, so a damaged file fails at load and not mid-generation.
+        tok.decode(tok.encode(PROBE_TEXT).ids)
     return tok
+
+
+# Letters, digits, punctuation, whitespace and multi-byte UTF-8: every pre-tokenizer branch.
+PROBE_TEXT = "Hello, world! 123 \t\n def f(x): return x ** 2  # π ≈ 3.14 🙂"

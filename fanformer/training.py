@@ -166,7 +166,7 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_siz
              max_batches: int, device: torch.device) -> float | None:
     """Mean next-token loss over consecutive non-overlapping windows of a held-out split."""
     n_windows = min((len(tokens) - 1) // seq_len, max_batches * batch_size)
-    if n_windows == 0:
+    if n_windows <= 0:  # an empty split gives -1 // seq_len = -1
         return None
     was_training = model.training
     model.eval()
@@ -394,6 +394,10 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
     if seq_len > model.config.max_seq_len:
         raise FANformerError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     check_enough_tokens(len(train_tokens), seq_len)  # before anything is written to `out`
+    if len(val_tokens) < seq_len + 1:  # a small corpus (one document): train on, without val_loss
+        log.warning("the validation split has %d tokens, fewer than one window of %d: val_loss will not be "
+                    "reported. Add documents (about 1 in 20 is held out for validation) or lower --seq-len",
+                    len(val_tokens), seq_len + 1)
 
     if resume is not None:
         check_resumable(resume[1], config, out)

@@ -40,6 +40,7 @@ from fanformer.errors import FANformerError
 from fanformer.quant import register
 from fanformer.quant.config import BNB_QUANT_METHOD, BnbConfig, BnbInt8Config, BnbNF4Config
 from fanformer.quant.linear import set_module, stored_linear
+from fanformer.validate import foreign_errors
 
 
 class _DropFp16CastNotice(logging.Filter):
@@ -203,8 +204,17 @@ def _loaded_module(name: str, layer: nn.Linear, state: dict[str, torch.Tensor], 
     shape = (layer.out_features, layer.in_features)
     if weight is None:
         raise FANformerError(f"{file}: {name}.weight is missing; the checkpoint is damaged")
+    if bias is not None and (tuple(bias.shape) != shape[:1] or not bias.is_floating_point()):
+        # the module is built from the file's own bias, so load_state's shape check cannot see this
+        raise FANformerError(f"{file}: {name}.bias is {bias.dtype} {tuple(bias.shape)}; config.json implies "
+                             f"a float {shape[:1]}")
     if isinstance(config, BnbInt8Config):
-        scb = state[f"{name}.SCB"]
+        scb = state.get(f"{name}.SCB")
+        if scb is None or not scb.is_floating_point():
+            raise FANformerError(f"{file}: {name}.SCB is missing or not a float tensor; the checkpoint is damaged")
+        layout = state.get(f"{name}.weight_format")  # bnb's own key: 0, row-major, is the only CPU layout
+        if layout is not None and (layout.numel() != 1 or layout.is_floating_point() or int(layout) != 0):
+            raise FANformerError(f"{file}: {name}.weight_format is {layout.tolist()}, expected 0 (row-major int8)")
         if weight.dtype != torch.int8 or tuple(weight.shape) != shape or tuple(scb.shape) != shape[:1]:
             raise FANformerError(f"{file}: {name} holds weight {weight.dtype} {tuple(weight.shape)} with SCB "
                                  f"{tuple(scb.shape)}; config.json implies int8 {shape} and SCB {shape[:1]}")
@@ -215,16 +225,40 @@ def _loaded_module(name: str, layer: nn.Linear, state: dict[str, torch.Tensor], 
     module = _nf4_module(layer.in_features, layer.out_features, bias, config.compute_dtype, config.double_quant)
     prefix = f"{name}.weight."
     stats = {key[len(prefix):]: tensor for key, tensor in state.items() if key.startswith(prefix)}
-    try:
+    if weight.dtype != torch.uint8:
+        raise FANformerError(f"{file}: {name}.weight is {weight.dtype}, expected bitsandbytes' packed uint8 codes")
+    with foreign_errors(f"{file}: the 4-bit state of {name} cannot be read; the checkpoint is damaged"):
         module.weight = bnb.nn.Params4bit.from_prequantized(weight, stats, requires_grad=False, device="cpu",
                                                             module=module)
-    except (AssertionError, KeyError, ValueError, RuntimeError) as err:
-        raise FANformerError(f"{file}: the 4-bit state of {name} cannot be read ({err}); the checkpoint is "
-                             "damaged") from None
     if tuple(module.weight.quant_state.shape) != shape:
         raise FANformerError(f"{file}: {name} holds a 4-bit weight of shape "
                              f"{tuple(module.weight.quant_state.shape)}, config.json implies {shape}")
+    _check_nf4_state(f"{file}: {name}", weight, module.weight.quant_state)
     return module
+
+
+def _check_nf4_state(where: str, weight: torch.Tensor, state) -> None:
+    """bnb's kernels index the packed codes and the block scales by the weight's shape alone:
+    each must hold exactly what that shape needs, or dequantizing reads past its end."""
+    n = state.shape[0] * state.shape[1]
+    blocksize = state.blocksize if isinstance(state.blocksize, int) else 0
+    if blocksize <= 0 or weight.numel() != -(-n // 2):
+        raise FANformerError(f"{where}: {weight.numel()} bytes of 4-bit codes with blocksize {state.blocksize!r}; "
+                             f"a {tuple(state.shape)} weight needs {-(-n // 2)} and a positive blocksize")
+    nested = [("absmax", state.absmax, -(-n // blocksize), 1), ("quant_map", state.code, 16, 1)]
+    if state.state2 is not None:  # double quantization: the absmax themselves in 8-bit blocks
+        inner = state.state2
+        if not isinstance(inner.blocksize, int) or inner.blocksize <= 0:
+            raise FANformerError(f"{where}: the nested blocksize is {inner.blocksize!r}")
+        nested += [("nested_absmax", inner.absmax, -(-state.absmax.numel() // inner.blocksize), 1),
+                   ("nested_quant_map", inner.code, 256, 1)]
+    for key, tensor, count, _ in nested:
+        if tensor.numel() != count:
+            raise FANformerError(f"{where}.weight.{key} holds {tensor.numel()} values; the weight's shape needs {count}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FANformerError(f"{where}.weight.{key} holds NaN or infinite values; the checkpoint is damaged")
+    if not (isinstance(state.dtype, torch.dtype) and state.dtype.is_floating_point):
+        raise FANformerError(f"{where}: the 4-bit state's compute dtype is {state.dtype!r}, not a float type")
 
 
 def load_bnb_model(path: Path, qconfig: dict, device: str | torch.device = "cpu") -> nn.Module:

@@ -70,17 +70,31 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
 
         return load_bnb_model(path, qconfig, device)
     fmt, bits, group_size = qconfig.get("checkpoint_format"), qconfig.get("bits"), qconfig.get("group_size")
-    if fmt != CHECKPOINT_FORMAT or bits not in BITS or not isinstance(group_size, int):
+    if fmt != CHECKPOINT_FORMAT or bits not in BITS or not isinstance(group_size, int) or isinstance(group_size, bool):
         raise FANformerError(f"{path}: unsupported {QUANTIZATION_KEY} (checkpoint_format {fmt!r}, bits {bits!r}, "
                              f"group_size {group_size!r}); expected the GPTQ v1 layout this tool writes")
+    if group_size != -1 and group_size <= 0:
+        raise FANformerError(f"{path}: {QUANTIZATION_KEY}.group_size is {group_size}; it must be positive, "
+                             "or -1 for one group per row")
     with torch.device("meta"):
         model = FANformer(config)
     state = load_safetensors(path / WEIGHTS_FILE)
-    for name in sorted({key.rsplit(".", 1)[0] for key in state if key.endswith(".qweight")}):
+    quantized = sorted({key.rsplit(".", 1)[0] for key in state if key.endswith(".qweight")})
+    for name in quantized:
         layer = stored_linear(model, name, path / WEIGHTS_FILE, f"{name}.qweight")
+        if group_size != -1 and layer.in_features % group_size:
+            raise FANformerError(f"{path}: {QUANTIZATION_KEY}.group_size {group_size} does not divide {name}'s "
+                                 f"{layer.in_features} inputs; the config is damaged")
         set_module(model, name, QuantLinear(layer.in_features, layer.out_features, bits, group_size,
                                             bias=layer.bias is not None, device="meta"))
-    return load_state(model, state, path, device)
+    model = load_state(model, state, path, device)
+    for name in quantized:  # g_idx indexes the groups: out of range it would read past scales/qzeros
+        layer = model.get_submodule(name)
+        groups = layer.scales.shape[0]
+        if layer.g_idx.numel() and not 0 <= int(layer.g_idx.min()) <= int(layer.g_idx.max()) < groups:
+            raise FANformerError(f"{path / WEIGHTS_FILE}: tensor {name}.g_idx holds group indices "
+                                 f"{int(layer.g_idx.min())}..{int(layer.g_idx.max())}, outside 0..{groups - 1}")
+    return model
 
 
 def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> FANformer:

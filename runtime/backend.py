@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fanformer.errors import FANformerError
+from fanformer.validate import read_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -122,6 +123,8 @@ def detect_format(path: str | Path) -> str:
     for spec in backends().values():
         if spec.detect(path):
             return spec.name
+    if path.is_dir() and (path / "config.json").is_file():
+        read_json(path / "config.json")  # a damaged config.json: say what is wrong with it, not only "not a model"
     raise FANformerError(f"{path} is not a model this tool can run: expected one of "
                          f"{', '.join(BACKENDS)} (a checkpoint directory with config.json and model.safetensors, ...)")
 

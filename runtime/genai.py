@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 from fanformer.errors import FANformerError
+from fanformer.runtime.guard import genai_call
+from fanformer.validate import read_json
 
 
 def load_model(og, folder: str | Path, threads: int = 0):
@@ -34,23 +36,24 @@ class GenaiSession:
         import onnxruntime_genai as og
 
         self.og = og
+        self.folder = Path(folder)
         self.model = load_model(og, folder, threads)
-        self.tokenizer = og.Tokenizer(self.model)
-        self.eos_id = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["eos_token_id"]
+        self.tokenizer = genai_call(self.folder, og.Tokenizer, self.model)
+        self.eos_id = read_json(self.folder / "genai_config.json")["model"]["eos_token_id"]
         self.generator = None
 
     def prefill(self, prompt_ids: list[int], max_length: int) -> None:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, do_sample=False)
-        self.generator = self.og.Generator(self.model, params)
-        self.generator.append_tokens(list(prompt_ids))
+        params = genai_call(self.folder, self.og.GeneratorParams, self.model)
+        genai_call(self.folder, lambda: params.set_search_options(max_length=max_length, do_sample=False))
+        self.generator = genai_call(self.folder, self.og.Generator, self.model, params)
+        genai_call(self.folder, self.generator.append_tokens, list(prompt_ids))
 
     def step(self) -> int | None:
         """The next greedy token, or None once generation has ended (EOS or max_length)."""
         if self.generator.is_done():
             return None
-        self.generator.generate_next_token()
-        return int(self.generator.get_next_tokens()[0])
+        genai_call(self.folder, self.generator.generate_next_token)
+        return int(genai_call(self.folder, self.generator.get_next_tokens)[0])
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of `prompt_ids`, EOS left out, as `runtime.reference_greedy`."""

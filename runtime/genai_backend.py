@@ -23,6 +23,7 @@ from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from fanformer.runtime.backend import Backend, BackendInfo, register
 from fanformer.runtime.genai import load_model
+from fanformer.runtime.guard import check_genai_config, genai_call
 
 GENAI_CONFIG_FILE = "genai_config.json"
 
@@ -54,11 +55,13 @@ class GenaiBackend(Backend):
         if device not in ("cpu", "auto"):
             raise FANformerError(f"the genai backend runs on the CPU here; use --device cpu, not {device!r}")
         self.og = og
-        self.model = load_model(og, folder, threads)
+        self.folder = folder
         self.config = FANformerConfig.from_file(folder)
         self.tokenizer = load_tokenizer(folder)
         self.generation_defaults = load_generation_config(folder)
         ids = special_token_ids(self.tokenizer)
+        check_genai_config(folder, self.config, ids)  # before genai allocates from its sizes
+        self.model = load_model(og, folder, threads)
         self.info = BackendInfo(format="genai", path=str(path), vocab_size=self.config.vocab_size,
                                 max_seq_len=self.config.max_seq_len, bos_id=ids["bos_token_id"],
                                 eos_id=ids["eos_token_id"], pad_id=ids["pad_token_id"],
@@ -72,15 +75,16 @@ class GenaiBackend(Backend):
         return GenaiCache()
 
     def _generator(self):
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=self.info.max_seq_len, do_sample=False)
-        return self.og.Generator(self.model, params)
+        params = genai_call(self.folder, self.og.GeneratorParams, self.model)
+        genai_call(self.folder, lambda: params.set_search_options(max_length=self.info.max_seq_len, do_sample=False))
+        return genai_call(self.folder, self.og.Generator, self.model, params)
 
     def _append(self, cache: GenaiCache, ids: list[int]) -> torch.Tensor:
         if cache.generator is None:
             cache.generator = self._generator()
-        cache.generator.append_tokens(ids)
-        return torch.from_numpy(cache.generator.get_output("logits").copy()).float()  # (1, T, vocab)
+        genai_call(self.folder, cache.generator.append_tokens, ids)
+        logits = genai_call(self.folder, cache.generator.get_output, "logits")
+        return torch.from_numpy(logits.copy()).float()  # (1, T, vocab)
 
     def forward(self, input_ids, attention_mask, cache):
         if attention_mask is not None and not bool(attention_mask.all()):

@@ -10,12 +10,14 @@ depend on what it is batched with. Lengths follow transformers: `max_length` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fanformer.errors import FANformerError
+from fanformer.validate import guarded
 from fanformer.runtime.backend import Backend
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -34,6 +36,17 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_length", "min_length", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                if isinstance(value, float) and value.is_integer():  # 50.0 from a JSON file: the integer meant
+                    setattr(self, name, int(value))
+                else:
+                    raise FANformerError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise FANformerError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise FANformerError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_length is not None and self.max_length < 1:
@@ -100,7 +113,10 @@ def next_tokens(logits: torch.Tensor, temperature: float, generators: list[torch
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+    # A temperature (or repetition penalty) so extreme that the scaled logits overflow leaves
+    # no distribution to draw from; its limit is the greedy choice.
+    return torch.cat([torch.multinomial(row, 1, generator=g) if bool(torch.isfinite(row).all())
+                      else logit_row.argmax()[None] for row, logit_row, g in zip(probs, logits, generators)])
 
 
 def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor,
@@ -168,6 +184,7 @@ def generate(backend: Backend, prompts: Sequence[str], config: GenerationConfig,
     cache = backend.new_cache(batch)
     logits = backend.prefill(cache, input_ids, mask, last_only=True)[:, -1].float().cpu()
     while True:
+        check_logits(logits, backend, int(lengths.max()))
         chosen = next_tokens(process_logits(logits, config, seen, lengths, info.eos_id),
                              config.temperature, generators)
         for i, row in enumerate(rows):
@@ -184,13 +201,24 @@ def generate(backend: Backend, prompts: Sequence[str], config: GenerationConfig,
     return [Generation(row.text, row.ids, row.finish) for row in rows]
 
 
+def check_logits(logits: torch.Tensor, backend: Backend, position: int) -> None:
+    """NaN or inf logits (damaged weights the load-time check cannot see, or an overflow in
+    fp16) would give garbage under greedy decoding and a crash in sampling: stop instead."""
+    if not bool(torch.isfinite(logits).all()):
+        rows = sorted({int(r) for r in (~torch.isfinite(logits)).nonzero()[:, 0]})
+        raise FANformerError(f"{backend.info.path} produced NaN or infinite logits at position {position} "
+                             f"(batch rows {rows[:5]}); generation stopped. The model's weights are damaged "
+                             f"or overflow in {backend.info.dtype}: try --dtype fp32 or another checkpoint")
+
+
 def check_prompts(backend: Backend, prompts: Sequence[str], config: GenerationConfig) -> list[list[int]]:
     """The prompts' token ids, or one FANformerError for a prompt that cannot be continued
     (empty, as long as the context, or leaving no room under max_length); a caller that
     echoes prompts checks them first, so a rejected prompt is never printed."""
     if not prompts:
         raise FANformerError("no prompt given")
-    prompt_ids = [backend.tokenizer.encode(p).ids for p in prompts]
+    prompt_ids = [guarded("the tokenizer failed to encode the prompt", backend.tokenizer.encode, p).ids
+                  for p in prompts]
     for prompt, ids in zip(prompts, prompt_ids):
         if not ids:
             raise FANformerError("empty prompt: give some text to continue")
@@ -207,7 +235,8 @@ def _advance(row: _Row, token: int, length: int, tokenizer, info, config: Genera
         row.finish = "eos"
         return
     row.ids.append(token)
-    row.text = tokenizer.decode(row.ids, skip_special_tokens=True)
+    row.text = guarded("the tokenizer failed to decode the output", tokenizer.decode, row.ids,
+                       skip_special_tokens=True)
     for stop in config.stop:
         at = row.text.find(stop)
         if at >= 0:
@@ -231,7 +260,9 @@ def reference_greedy(backend: Backend, prompt_ids: list[int], max_new_tokens: in
     reference the cached path is tested against, for any backend."""
     ids = list(prompt_ids)
     for _ in range(max_new_tokens):
-        token = int(backend.score(torch.tensor([ids]))[0, -1].argmax())
+        logits = backend.score(torch.tensor([ids]))[0, -1:]
+        check_logits(logits, backend, len(ids))
+        token = int(logits[0].argmax())
         if token == backend.info.eos_id:
             break
         ids.append(token)

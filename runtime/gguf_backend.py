@@ -40,6 +40,7 @@ from fanformer.errors import FANformerError
 from fanformer.export import gguf_format as names
 from fanformer.export.gguf_read import Metadata, config_from_metadata, llama_unpermute, open_gguf, tokenizer_from_metadata
 from fanformer.model import FANformer, KVCache
+from fanformer.validate import check_context_fits, check_finite
 from fanformer.runtime.backend import Backend, BackendInfo, register, resolve_device, resolve_dtype
 from fanformer.runtime.gguf_layers import (DEQUANTIZED_TYPES, FLOAT_TYPES, QUANT_TYPES, Fp16Linear, GGUFEmbedding, Q, SharedInputLinear,
                                            dequantize, make_linear)
@@ -137,7 +138,9 @@ class GGUFBackend(Backend):
             model = FANformer(self.config)
         state = self._check_tensors(tensors, model, path)  # {state key: (data, type)}
         self.module = self.ggml = None
-        if self.engine == "ggml":
+        if self.engine == "ggml":  # its KV store holds the whole context from the start
+            check_context_fits(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim,
+                               self.config.max_seq_len, 4, path, names.CONTEXT_LENGTH.format(arch=arch))
             from fanformer.runtime.ggml_engine import GGMLEngine, physical_cores
 
             self.ggml = GGMLEngine(reader, tensors, self.config, threads or physical_cores(),
@@ -218,7 +221,10 @@ class GGUFBackend(Backend):
         if gguf_shape != tuple(shape):
             raise FANformerError(f"{path}: tensor {tensor.name} has shape {gguf_shape}, the hyperparameters imply "
                                  f"{tuple(shape)}; the file is damaged or mixed from two models")
-        return torch.from_numpy(tensor.data), qtype  # BF16 comes as bytes: (rows, 2 n) uint8
+        data = torch.from_numpy(tensor.data)  # BF16 comes as bytes: (rows, 2 n) uint8
+        if qtype in FLOAT_TYPES:  # quantized blocks are not decoded here: the logits check catches theirs
+            check_finite(tensor.name, data.view(torch.bfloat16) if qtype == Q.BF16 else data, path)
+        return data, qtype
 
     def weight_bytes(self) -> int:
         """Bytes of every tensor the model holds (weights, packed planes, norms), and of the

@@ -24,6 +24,7 @@ from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from fanformer.runtime.backend import Backend, BackendInfo, register
+from fanformer.runtime.guard import check_onnx_session, ort_run
 
 ONNX_DTYPES = {"tensor(float)": ("fp32", np.float32), "tensor(float16)": ("fp16", np.float16)}
 
@@ -84,6 +85,7 @@ class OnnxBackend(Backend):
         except Exception as err:  # onnxruntime raises its own exception types for a bad file
             raise FANformerError(f"onnxruntime cannot load {model_file} ({str(err).splitlines()[0][:200]}); "
                                  "the file is corrupted or not a FANformer export: export it again") from None
+        check_onnx_session(self.session, self.config, model_file)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         kv_type = {i.name: i.type for i in self.session.get_inputs()}.get(names.PAST_KEY % 0)
         if kv_type not in ONNX_DTYPES:
@@ -178,12 +180,12 @@ class OnnxBackend(Backend):
             cache.logits[batch, new] = (array, ort.OrtValue.ortvalue_from_numpy(array))
         array, value = cache.logits[batch, new]
         binding.bind_ortvalue_output(names.LOGITS, value)
-        self.session.run_with_iobinding(binding)
+        ort_run(self.info.path, self.session.run_with_iobinding, binding)
         cache.length = total
         return torch.from_numpy(array).float().clone() if array.dtype == np.float32 else torch.from_numpy(array).float()
 
     def _run_cpu(self, feeds: list, past: list):
-        outputs = self.session.run(self.output_names, dict(zip(self.input_names, feeds + past)))
+        outputs = ort_run(self.info.path, self.session.run, self.output_names, dict(zip(self.input_names, feeds + past)))
         return torch.from_numpy(outputs[0]).float(), outputs[1:]
 
     def _run_cuda(self, feeds: list, past: list):
@@ -197,6 +199,6 @@ class OnnxBackend(Backend):
         binding.bind_output(names.LOGITS, "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, "cuda", 0)
-        self.session.run_with_iobinding(binding)
+        ort_run(self.info.path, self.session.run_with_iobinding, binding)
         outputs = binding.get_outputs()
         return torch.from_numpy(outputs[0].numpy()).float(), list(outputs[1:])

@@ -19,8 +19,8 @@ def is_fanformer_checkpoint(path: Path) -> bool:
         return False
     try:
         return json.loads((path / CONFIG_FILE).read_text()).get("model_type") == "fanformer"
-    except (ValueError, AttributeError):
-        return False
+    except (ValueError, AttributeError, RecursionError):
+        return False  # detect_format then reports what is wrong with config.json
 
 
 @register("pytorch", detect=is_fanformer_checkpoint)

@@ -45,6 +45,7 @@ SHRINK = [
     (r"--calib-seq-len \d+", "--calib-seq-len 32"),
     (r"--chunks \d+", "--chunks 4"),
     (r"--data corpus/", "--data corpus"),
+    (r"(benchmarks/fuzz\.py.*)--cases \d+", r"\1--cases 1"),
     (r"--requests \d+", "--requests 1"),
     (r"--repeat \d+", "--repeat 1"),
 ]

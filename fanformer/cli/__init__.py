@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     args.argv = argv  # messages name flags in the order they were given
     from fanformer.errors import FANformerError
+    from fanformer.processes import sigterm_as_interrupt
 
     try:
-        status = importlib.import_module(COMMANDS[args.command][0]).run(args.command, args)
+        with sigterm_as_interrupt():  # `finally` blocks run: no orphaned workers, no half-written output
+            status = importlib.import_module(COMMANDS[args.command][0]).run(args.command, args)
     except FANformerError as err:
         print(f"fanformer {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -95,7 +95,7 @@ def test_load_missing(tmp_path):
 
 def test_load_corrupt(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(FANformerError, match="not a valid tokenizer"):
+    with pytest.raises(FANformerError, match="tokenizer.json is not valid JSON"):
         load_tokenizer(tmp_path)
 
 

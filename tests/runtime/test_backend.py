@@ -47,11 +47,15 @@ def test_paths_that_are_not_models_are_user_errors(tmp_path):
         load_backend(tmp_path / "x.bin")
 
 
-@pytest.mark.parametrize("config_text", ["{not json", "[1, 2]", json.dumps({"model_type": "llama"})])
-def test_a_directory_with_a_foreign_or_broken_config_is_not_detected(tmp_path, config_text):
+@pytest.mark.parametrize("config_text, message", [
+    ("{not json", r"config.json is not valid JSON \(Expecting property name"),  # the JSON error, not a shrug
+    ("[1, 2]", "config.json holds a JSON list, expected a dict"),
+    (json.dumps({"model_type": "llama"}), "not a model this tool can run"),
+])
+def test_a_directory_with_a_foreign_or_broken_config_is_not_detected(tmp_path, config_text, message):
     (tmp_path / "config.json").write_text(config_text)
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(FANformerError, match="not a model this tool can run"):
+    with pytest.raises(FANformerError, match=message):
         detect_format(tmp_path)
 
 

@@ -413,7 +413,9 @@ def test_cli_serves_until_stopped(checkpoint):
         assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0).choices[0].text
     finally:
         process.terminate()
-        assert process.wait(timeout=30) == 0 or process.returncode < 0
+        # uvicorn shuts down gracefully, then re-raises SIGTERM, which the CLI reports as any
+        # terminated command: "interrupted", exit 130 (fanformer/processes.py)
+        assert process.wait(timeout=30) in (0, 130) or process.returncode < 0
 
 
 def _up(url: str) -> bool:
