@@ -27,7 +27,7 @@ import torch
 
 from fanformer.errors import FANformerError
 from fanformer.runtime.backend import Backend
-from fanformer.runtime.generation import GenerationConfig, next_tokens, process_logits
+from fanformer.runtime.generation import GenerationConfig, check_logits, next_tokens, process_logits
 # The per-sequence bookkeeping of `generate` itself, so that stop strings, budgets and the
 # text streamed behave exactly as there.
 from fanformer.runtime.generation import _advance, _Row, _stream
@@ -236,6 +236,11 @@ class Scheduler:
         chosen: dict[int, int] = {}
         for i, (job, seq) in enumerate(rows):
             if not job.cancelled:
+                try:  # NaN / inf logits stop this row's request, as `generate` stops
+                    check_logits(logits[i:i + 1], self.backend, seq.length)
+                except FANformerError as err:
+                    self._fail([(job, seq)], err)
+                    continue
                 processed = process_logits(logits[i:i + 1], seq.config, seq.seen, torch.tensor([seq.length]),
                                            info.eos_id)
                 chosen[i] = int(next_tokens(processed, seq.config.temperature, [seq.generator])[0])

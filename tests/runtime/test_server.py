@@ -289,6 +289,26 @@ def test_a_failing_step_fails_only_its_request(backend, monkeypatch):
         assert failed.value.status_code == 500 and failed.value.body["type"] == "server_error"
 
 
+def test_non_finite_logits_stop_only_their_request(backend, monkeypatch):
+    """A row whose logits are NaN fails its request with the model's error (400), as
+    `generate` stops; the rows beside it in the batch decode on."""
+    prefill, poison = backend.prefill, backend.tokenizer.encode("cos").ids[0]
+
+    def poisoned(cache, input_ids, mask, last_only=False):
+        logits = prefill(cache, input_ids, mask, last_only).clone()  # an inference tensor: copy to write
+        logits[(input_ids == poison).any(-1).nonzero()[:, 0]] = float("nan")
+        return logits
+
+    monkeypatch.setattr(backend, "prefill", poisoned)
+    with ServerThread(backend, MODEL) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model=MODEL, prompt="cos", max_tokens=4, temperature=0)
+        assert failed.value.status_code == 400 and "NaN or infinite logits" in failed.value.body["message"]
+        good = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert good.choices[0].text == expected(backend, PROMPTS[0], max_new_tokens=8, temperature=0).text
+
+
 # --- Bad input ---------------------------------------------------------------------------
 
 BAD = [
