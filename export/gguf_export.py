@@ -181,7 +181,7 @@ def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
 
 def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAULT_WEIGHT_TYPE,
                 arch: str = names.ARCH, imatrix: str | Path | None = None, gptq: bool = False,
-                calib_data: list[str] | None = None, calib_samples: int = 128, force: bool = False,
+                calib_data: list[str] | None = None, calib_samples: int = names.GPTQ_CALIB_SAMPLES, force: bool = False,
                 progress: bool = True) -> Path:
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
     gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
@@ -217,10 +217,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
     if gptq:
         if qconfig is not None:
             raise FANformerError(f"{checkpoint} is already quantized; --gptq quantizes the float checkpoint it came from")
-        if type not in names.WEIGHT_TYPES or type in ("f32", "f16", "bf16"):
+        if type in names.FLOAT_TYPES:
             raise FANformerError(f"--gptq only applies to quantized types, not --type {type}")
+        # The pass overwrites exactly the weights it returns; the writer takes those from it.
         precomputed = _gptq(checkpoint, model, type, calib_data, calib_samples, progress)
-        model = load_any_model(checkpoint)  # the GPTQ pass overwrote the weights it quantized
     if qconfig is not None and type in gguf_kquants.MIXTURES:
         # A K-quant block is an fp16 super-block scale over 6-bit sub-block scales and mins;
         # a GPTQ group's fp16 scale and integer zero are not of that form, so the integers

@@ -107,6 +107,8 @@ WEIGHT_TYPES = {
     "iq4_xs": (GGMLQuantizationType.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
 }
 LEGACY_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # one type for every 2-D weight
+FLOAT_TYPES = ("f32", "f16", "bf16")  # nothing to quantize: --imatrix and --gptq do not apply
+GPTQ_CALIB_SAMPLES = 128  # --gptq's calibration windows, GPTQConfig's default
 DEFAULT_WEIGHT_TYPE = "f16"
 SMALL_TENSOR_TYPE = GGMLQuantizationType.F32
 FLOAT_GGML_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -205,7 +207,7 @@ class GGUFOptions:
                              "--calib-data; the float checkpoint only")
     calib_data: tuple[str, ...] = knob((), "--gptq: corpus files/folders/globs whose TRAINING split calibrates "
                                            "(default: the Python standard library; repeatable)")
-    calib_samples: int = knob(128, "--gptq: calibration windows")
+    calib_samples: int = knob(GPTQ_CALIB_SAMPLES, "--gptq: calibration windows")
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in WEIGHT_TYPES:
@@ -214,14 +216,14 @@ class GGUFOptions:
             raise FANformerError(f"unsupported GGUF architecture {self.arch!r}; choose one of {ARCH}, {LLAMA_ARCH}")
         if self.gptq and self.imatrix is not None:
             raise FANformerError("--gptq measures the layers' full Hessians itself; drop --imatrix")
-        if self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in ("f32", "f16", "bf16"):
+        if self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
             raise FANformerError(f"--gptq only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
-        if not self.gptq and (self.calib_data or self.calib_samples != 128):
+        if not self.gptq and (self.calib_data or self.calib_samples != GPTQ_CALIB_SAMPLES):
             raise FANformerError("--calib-data and --calib-samples only apply with --gptq (for an importance "
                                  "matrix, run `fanformer imatrix` and pass --imatrix)")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise FANformerError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
-        if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in ("f32", "f16", "bf16"):
+        if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
             raise FANformerError(f"--imatrix only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
 
 

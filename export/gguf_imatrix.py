@@ -19,6 +19,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from fanformer.errors import FANformerError
 from fanformer.export import gguf_format as names
+from fanformer.export.gguf_export import check_output_file
 from fanformer.outputs import write_file_atomically
 
 GENERAL_TYPE = "general.type"
@@ -44,8 +45,7 @@ def make_imatrix(checkpoint: str | Path, out: str | Path, data: list[str] | None
     if read_quantization_config(checkpoint) is not None:
         raise FANformerError(f"{checkpoint} is a quantized checkpoint; an importance matrix is measured on the "
                              "float model it came from")
-    if out.exists() and not force:
-        raise FANformerError(f"output file {out} already exists; choose another --out, or pass --force to overwrite it")
+    check_output_file(out, force)
     model = load_model(checkpoint)
     ctx = min(ctx, model.config.max_seq_len)
     windows = calibration_tokens(load_tokenizer(checkpoint), data, chunks, ctx, cache_dir=cache_dir)
@@ -69,9 +69,7 @@ def gguf_entries(stats: dict, tied: bool) -> dict[str, tuple[np.ndarray, int]]:
 def write_imatrix(out: Path, entries: dict[str, tuple[np.ndarray, int]], datasets: list[str], chunk_count: int,
                   chunk_size: int, force: bool = False) -> Path:
     """Write `entries` as llama.cpp's imatrix GGUF at `out` (atomically)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FANformerError(f"output file {out} already exists; choose another --out, or pass --force to overwrite it")
+    out = check_output_file(Path(out), force)
 
     def write(tmp: Path) -> None:
         writer = GGUFWriter(tmp, arch=None)

@@ -179,8 +179,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", qu
                                  "MatMulNBits weights)")
         onnx_carry.check_carry(qconfig)
     elif accuracy_level is not None and quantize is None:
-        raise FANformerError("--accuracy-level only applies to --quantize int4 or int8-wo (MatMulNBits) "
-                             "and to quantized checkpoints")
+        raise FANformerError(names.ACCURACY_LEVEL_APPLIES)
     check_output_dir(out, force)
     if qconfig is not None:
         from fanformer.quant.checkpoint import load_quantized_model

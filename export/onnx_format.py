@@ -69,6 +69,8 @@ DEFAULT_ACCURACY_LEVEL = 4
 META_GRAPH = "fanformer.graph"  # "fused" or "plain"
 META_ACCURACY_LEVEL = "fanformer.accuracy_level"
 FUSED, PLAIN = "fused", "plain"
+ACCURACY_LEVEL_APPLIES = ("--accuracy-level only applies to --quantize int4 or int8-wo (MatMulNBits) and to "
+                          "quantized checkpoints")
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,7 @@ class OnnxOptions:
             raise FANformerError("--quantize int8 needs --dtype fp32 (onnxruntime's dynamic quantization reads "
                                  "fp32 graphs); for fp16 activations use --quantize int4 or int8-wo")
         if self.accuracy_level is not None and self.quantize == "int8":
-            raise FANformerError("--accuracy-level only applies to --quantize int4 or int8-wo (MatMulNBits) "
-                                 "and to quantized checkpoints")
+            raise FANformerError(ACCURACY_LEVEL_APPLIES)
         if self.block_size is not None and self.quantize == "int8":
             raise FANformerError("--block-size only applies to --quantize int4 or int8-wo "
                                  "(int8 quantizes per output channel)")

@@ -102,7 +102,6 @@ class OnnxBackend(Backend):
                                 device="cuda" if self.on_cuda else "cpu")
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.fused = metadata.get(names.META_GRAPH) == names.FUSED
-        self.accuracy_level = int(metadata.get(names.META_ACCURACY_LEVEL, 0))
         graph_inputs = {i.name for i in self.session.get_inputs()}
         self.input_names = [n for n in names.input_names(self.config.n_layers) if n in graph_inputs]
         self.output_names = names.output_names(self.config.n_layers)
@@ -182,7 +181,7 @@ class OnnxBackend(Backend):
         binding.bind_ortvalue_output(names.LOGITS, value)
         ort_run(self.info.path, self.session.run_with_iobinding, binding)
         cache.length = total
-        return torch.from_numpy(array).float().clone() if array.dtype == np.float32 else torch.from_numpy(array).float()
+        return torch.from_numpy(array.astype(np.float32))  # a copy: the buffer is reused next step
 
     def _run_cpu(self, feeds: list, past: list):
         outputs = ort_run(self.info.path, self.session.run, self.output_names, dict(zip(self.input_names, feeds + past)))

@@ -180,9 +180,10 @@ def gptq_exported(type: str) -> Build:
     context's corpus and windows."""
     def build(context: BuildContext, source: Path, out: Path) -> None:
         from fanformer.export import export
+        from fanformer.export.gguf_format import GPTQ_CALIB_SAMPLES
 
         export(source, "gguf", out, force=True, type=type, gptq=True, calib_data=tuple(context.data or ()),
-               calib_samples=context.calib_samples or 128)
+               calib_samples=context.calib_samples or GPTQ_CALIB_SAMPLES)
 
     return build
 
