@@ -71,17 +71,23 @@ def default_output(checkpoint: str | Path, format: str, **options) -> Path:
     return fmt.default_output(Path(checkpoint), make_options(fmt, **options))
 
 
-def refuse_bitsandbytes(checkpoint: str | Path, format: str) -> None:
-    """ONNX and GGUF carry a quantized checkpoint's GPTQ-layout integers only; bnb's int8
-    rows and NF4 codes have no counterpart there."""
+def refuse_uncarried(checkpoint: str | Path, format: str) -> None:
+    """ONNX and GGUF carry a quantized checkpoint's GPTQ-layout integers, and GGUF a K-grid
+    checkpoint's llama.cpp blocks; bnb's int8 rows and NF4 codes have no counterpart in
+    either, nor llama.cpp's blocks in ONNX."""
     from fanformer.checkpoint import read_quantization_config
-    from fanformer.quant.config import BNB_QUANT_METHOD, describe
+    from fanformer.quant.config import BNB_QUANT_METHOD, GGML_CHECKPOINT_FORMAT, describe
 
     quantization = read_quantization_config(checkpoint)
-    if quantization is not None and quantization.get("quant_method") == BNB_QUANT_METHOD:
+    if quantization is None:
+        return
+    if quantization.get("quant_method") == BNB_QUANT_METHOD:
         raise FANformerError(f"{checkpoint} holds {describe(quantization)} weights, which {format.upper()} cannot "
                              "carry (only rtn/gptq/awq checkpoints are carried); export the float checkpoint instead "
                              "(it can be quantized on export)")
+    if quantization.get("checkpoint_format") == GGML_CHECKPOINT_FORMAT and format != "gguf":
+        raise FANformerError(f"{checkpoint} holds llama.cpp blocks ({describe(quantization)}), which only GGUF "
+                             f"carries; export it with --format gguf, or export its float checkpoint to {format}")
 
 
 def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *, force: bool = False,
@@ -90,6 +96,6 @@ def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *
     the finished output before it is moved into place (see the format's writer)."""
     fmt = get_format(format)
     opts = make_options(fmt, **options)
-    refuse_bitsandbytes(checkpoint, format)
+    refuse_uncarried(checkpoint, format)
     out = Path(out) if out is not None else fmt.default_output(Path(checkpoint), opts)
     return fmt.write(Path(checkpoint), out, opts, force=force, validate=validate)

@@ -29,7 +29,7 @@ all five q* types share the block size 32, so no other q* type would fit). The e
 logs which tensors fell back.
 
 K-quant and 4-bit i-quant types (q2_k ... q6_k, iq4_nl, iq4_xs) are llama.cpp's
-mixtures, quantized by ggml's own code (export/gguf_kquants.py), with llama.cpp's
+mixtures, quantized by ggml's own code (quant/kquants.py), with llama.cpp's
 fallbacks for rows that are not whole super-blocks of 256. With an importance matrix
 (`imatrix`, export/gguf_imatrix.py) every quantized tensor that has an entry is quantized
 by ggml minimising the imatrix-weighted error, the legacy q* types included.
@@ -57,12 +57,15 @@ from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, 
 from gguf import quants
 
 from fanformer.export import gguf_format as names
-from fanformer.export import gguf_kquants
 from fanformer.checkpoint import model_state_dict, read_quantization_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
 from fanformer.outputs import write_file_atomically
+from fanformer.quant import kquants
 from fanformer.quant.checkpoint import load_any_model
+from fanformer.quant.config import GGML_CHECKPOINT_FORMAT as GGML
+from fanformer.quant.config import describe
+from fanformer.quant.linear import GGMLLinear
 from fanformer.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
 
 log = logging.getLogger(__name__)
@@ -179,15 +182,17 @@ def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
     adders[kind](key, value)
 
 
-def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAULT_WEIGHT_TYPE,
+def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None,
                 arch: str = names.ARCH, imatrix: str | Path | None = None, gptq: bool = False,
                 calib_data: list[str] | None = None, calib_samples: int = names.GPTQ_CALIB_SAMPLES, force: bool = False,
                 progress: bool = True) -> Path:
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
     gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
-    importance matrix file `imatrix` if given, or with `gptq` (export/gguf_gptq.py) on
-    `calib_samples` windows of `calib_data`."""
+    importance matrix file `imatrix` if given, or with `gptq` (quant/gptq_k.py) on
+    `calib_samples` windows of `calib_data`. `type` None: the default (f16), or the type a
+    quantized checkpoint is carried into."""
     checkpoint, out = Path(checkpoint), Path(out)
+    asked, type = type, type or names.DEFAULT_WEIGHT_TYPE
     if type not in names.WEIGHT_TYPES:
         raise FANformerError(f"unsupported GGUF type {type!r}; choose one of {', '.join(names.WEIGHT_TYPES)}")
     if arch not in ARCHS:
@@ -221,17 +226,27 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
             raise FANformerError(f"--gptq only applies to quantized types, not --type {type}")
         # The pass overwrites exactly the weights it returns; the writer takes those from it.
         precomputed = _gptq(checkpoint, model, type, calib_data, calib_samples, progress)
-    if qconfig is not None and type in gguf_kquants.MIXTURES:
-        # A K-quant block is an fp16 super-block scale over 6-bit sub-block scales and mins;
-        # a GPTQ group's fp16 scale and integer zero are not of that form, so the integers
-        # cannot be carried: the dequantized weights are quantized into the mixture instead.
+    carried_as = names.carried_checkpoint_type(qconfig, asked)
+    if qconfig is not None and carried_as is None:
+        # GPTQ-layout integers into a K-quant: a K-quant block is an fp16 super-block scale
+        # over 6-bit sub-block scales and mins, and a GPTQ group's fp16 scale and integer zero
+        # are not of that form. llama.cpp blocks into another type: not the same numbers.
+        # Either way the dequantized weights are quantized into `type` instead.
         from fanformer.quant.linear import dequantized_model
 
         model, _ = dequantized_model(model)
-        log.warning("%s holds GPTQ-layout integers (%d-bit, group size %s), which %s's blocks cannot hold "
-                    "exactly (6-bit sub-block scales and mins under an fp16 super-block scale): quantizing its "
-                    "dequantized weights to %s instead%s", checkpoint, qconfig["bits"], qconfig.get("group_size"),
-                    type, type, "" if importance else " (an --imatrix weighs that rounding)")
+        why = (f"{qconfig.get('grid')} blocks are not {type}'s" if qconfig.get("checkpoint_format") == GGML
+               else f"{type}'s blocks (6-bit sub-block scales and mins under an fp16 super-block scale) cannot "
+                    f"hold its groups exactly")
+        log.warning("%s holds %s weights and %s: quantizing its dequantized weights to %s instead%s", checkpoint,
+                    describe(qconfig), why, type, "" if importance else " (an --imatrix weighs that rounding)")
+        qconfig = None
+    if qconfig is not None and qconfig.get("checkpoint_format") == GGML:
+        type = carried_as  # the blocks are written as they are; the mixture places everything else
+        weight_type, file_type = names.WEIGHT_TYPES[type]
+        precomputed = {names.gguf_tensor_name(f"{name}.weight"): (layer.qtype, layer.qblocks.numpy())
+                       for name, layer in model.named_modules() if isinstance(layer, GGMLLinear)}
+        log.info("carrying %d tensors of llama.cpp blocks (%s) from %s", len(precomputed), type, checkpoint)
         qconfig = None
     if qconfig is not None:
         from fanformer.export import gguf_carry
@@ -270,7 +285,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
 
         fell_back, imatrix_used, unweighted = [], [], []
         carried = {}
-        mixture = type in gguf_kquants.MIXTURES or (importance and type in names.LEGACY_TYPES)
+        mixture = type in kquants.MIXTURES or (importance and type in names.LEGACY_TYPES)
         for key, tensor in model_state_dict(model).items():  # the tied LM head is left out
             if key.endswith(QUANT_SIDE_TENSORS):
                 continue  # written with the layer's .qweight
@@ -285,11 +300,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
                     array = llama_permute(array, config.n_kv_heads)
                 writer.add_tensor(names.gguf_tensor_name(key), np.ascontiguousarray(array), raw_dtype=result.qtype)
                 continue
-            array = tensor.to(torch.float32).numpy()
-            if arch == names.LLAMA_ARCH and key.endswith("attn.q_proj.weight"):
-                array = llama_permute(array, config.n_heads)
-            elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
-                array = llama_permute(array, config.n_kv_heads)
+            if key.endswith(".qblocks"):  # a GGMLLinear's blocks: in `precomputed`
+                key = key[: -len(".qblocks")] + ".weight"
             name = names.gguf_tensor_name(key)
             if name in precomputed:
                 qtype, data = precomputed[name]
@@ -297,10 +309,15 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
                     data = llama_permute(data, config.n_heads if "q_proj" in key else config.n_kv_heads)
                 writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
                 continue
+            array = tensor.to(torch.float32).numpy()
+            if arch == names.LLAMA_ARCH and key.endswith("attn.q_proj.weight"):
+                array = llama_permute(array, config.n_heads)
+            elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
+                array = llama_permute(array, config.n_kv_heads)
             if mixture and array.ndim >= 2:
-                wanted = gguf_kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
+                wanted = kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
                                                    config.tie_embeddings, bool(importance))
-                qtype = gguf_kquants.fallback_type(wanted, array.shape[-1])
+                qtype = kquants.fallback_type(wanted, array.shape[-1])
                 if qtype != wanted:
                     fell_back.append(f"{name} ({wanted.name.lower()} -> {qtype.name.lower()})")
             else:
@@ -312,10 +329,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
                 imatrix_used.append(name)
             elif qtype not in names.FLOAT_GGML_TYPES:
                 unweighted.append(name)
-            if qtype in names.FLOAT_GGML_TYPES or (weights is None and qtype in gguf_kquants.REFERENCE_TYPES):
+            if qtype in names.FLOAT_GGML_TYPES or (weights is None and qtype in kquants.REFERENCE_TYPES):
                 data = quants.quantize(np.ascontiguousarray(array), qtype)  # gguf-py: the reference bytes
             else:
-                data = gguf_kquants.quantize(array.reshape(-1, array.shape[-1]), qtype, weights)
+                data = kquants.quantize(array.reshape(-1, array.shape[-1]), qtype, weights)
             writer.add_tensor(name, data, raw_dtype=qtype)
         if fell_back:
             log.warning("%d tensor(s) in another type, their row length not a multiple of the type's block "
@@ -331,8 +348,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str = names.DEFAU
 
 def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, calib_samples: int,
           progress: bool) -> dict:
-    """export/gguf_gptq.py's tensors for `model`, calibrated on `calib_data`'s training split."""
-    from fanformer.export.gguf_gptq import gptq_tensors
+    """quant/gptq_k.py's tensors for `model`, calibrated on `calib_data`'s training split."""
+    from fanformer.quant.gptq_k import gptq_tensors
     from fanformer.quant.calibration import calibration_tokens
     from fanformer.quant.config import GPTQConfig
 
@@ -341,4 +358,5 @@ def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, cali
         log.warning("GPTQ runs on Q4_K's grid only (q4_k_s, q4_k_m); the %s tensors are quantized with each "
                     "layer's Hessian diagonal as their importance matrix instead, block by block", type)
     windows = calibration_tokens(load_tokenizer(checkpoint), calib_data, config.calib_samples, config.calib_seq_len)
-    return gptq_tensors(model, type, windows, config, progress)
+    written = gptq_tensors(model, type, windows, config, progress=progress)
+    return {names.gguf_tensor_name(f"{name}.weight"): (qtype, data) for name, (qtype, data, _) in written.items()}

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from fanformer.config import knob
 from fanformer.errors import FANformerError
 from fanformer.export import ExportFormat, register
+from fanformer.quant import kquants
 
 ARCH = "fanformer"
 LLAMA_ARCH = "llama"
@@ -93,7 +94,7 @@ WEIGHT_TYPES = {
     "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     # llama.cpp's K-quant and 4-bit i-quant mixtures: the base type, some tensors higher
-    # (export/gguf_kquants.py).
+    # (quant/kquants.py).
     "q2_k": (GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K),
     "q3_k_s": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
     "q3_k_m": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
@@ -117,65 +118,8 @@ FLOAT_GGML_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuan
 # type, as llama.cpp's convert_hf_to_gguf.py and llama-quantize both do.
 FALLBACK_TYPE = GGMLQuantizationType.F16
 
-# --- Tensor names ---------------------------------------------------------------
-# (pattern over FANformer state_dict keys, GGUF name template). CoLA layers store their
-# two factors as <name>_a (in -> rank) and <name>_b (rank -> out); the FAN projection's
-# bias sits on its output factor.
-_LINEARS = {
-    r"attn\.fan\.proj": "fan",
-    r"attn\.q_proj": "attn_q",
-    r"attn\.k_proj": "attn_k",
-    r"attn\.v_proj": "attn_v",
-    r"attn\.o_proj": "attn_output",
-    r"ffn\.gate_proj": "ffn_gate",
-    r"ffn\.up_proj": "ffn_up",
-    r"ffn\.down_proj": "ffn_down",
-}
-_BLOCK_VECTORS = {
-    r"attn_norm\.weight": "attn_norm.weight",
-    r"ffn_norm\.weight": "ffn_norm.weight",
-    r"attn\.q_norm\.weight": "attn_q_norm.weight",
-    r"attn\.k_norm\.weight": "attn_k_norm.weight",
-    r"attn\.v_norm\.weight": "attn_v_norm.weight",
-    r"attn_gate": "attn_residual_gate.weight",
-    r"ffn_gate": "ffn_residual_gate.weight",
-}
-_TOP_LEVEL = {
-    "embed.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "lm_head.lora_a.weight": "output_a.weight",
-    "lm_head.lora_b.weight": "output_b.weight",
-}
-
-
-def _rules() -> list[tuple[re.Pattern, str]]:
-    rules = [(re.compile(re.escape(k) + "$"), v) for k, v in _TOP_LEVEL.items()]
-    for pattern, name in _LINEARS.items():
-        for suffix, gguf_suffix in ((r"\.weight", ".weight"), (r"\.bias", ".bias"),
-                                    (r"\.lora_a\.weight", "_a.weight"), (r"\.lora_b\.weight", "_b.weight"),
-                                    (r"\.lora_b\.bias", "_b.bias")):
-            rules.append((re.compile(rf"blocks\.(\d+)\.{pattern}{suffix}$"), f"blk.{{}}.{name}{gguf_suffix}"))
-    for pattern, name in _BLOCK_VECTORS.items():
-        rules.append((re.compile(rf"blocks\.(\d+)\.{pattern}$"), f"blk.{{}}.{name}"))
-    return rules
-
-
-RULES = _rules()
-
-
-def gguf_tensor_name(state_key: str) -> str:
-    """GGUF name of a `FANformer.state_dict()` key, e.g. blocks.3.attn.q_proj.weight -> blk.3.attn_q.weight."""
-    for pattern, template in RULES:
-        match = pattern.match(state_key)
-        if match:
-            return template.format(*match.groups())
-    raise KeyError(f"no GGUF name for model tensor {state_key!r}")
-
-
-def tensor_names(state_keys) -> dict[str, str]:
-    """{GGUF name: state_dict key} for a model's keys: how a reader maps tensors back."""
-    return {gguf_tensor_name(k): k for k in state_keys}
+# Tensor names: llama.cpp's, which its quantization mixtures key on (quant/kquants.py).
+gguf_tensor_name, tensor_names = kquants.gguf_tensor_name, kquants.tensor_names
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -189,8 +133,25 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def carried_type(bits: int, sym: bool) -> str:
-    """The --type a quantized checkpoint's layers are carried into (export/gguf_carry.py)."""
+    """The --type a GPTQ-layout checkpoint's layers are carried into (export/gguf_carry.py)."""
     return "q8_0" if bits == 8 else ("q4_0" if sym else "q4_1")
+
+
+def carried_checkpoint_type(quantization: dict | None, type: str | None) -> str | None:
+    """The --type a quantized checkpoint exports as given --type `type` (None: not given), or
+    None when the checkpoint is float or its weights are re-quantized into `type`: a K-quant
+    --type re-quantizes GPTQ-layout integers; a K-grid checkpoint (quant/gptq_k.py) is
+    carried into its own mixture unless another quantized type is asked for."""
+    from fanformer.quant.config import GGML_CHECKPOINT_FORMAT
+
+    if quantization is None:
+        return None
+    if quantization.get("checkpoint_format") == GGML_CHECKPOINT_FORMAT:
+        grid = quantization.get("grid")
+        return grid if type is None or type in FLOAT_TYPES or type == grid else None
+    if type in kquants.MIXTURES:
+        return None
+    return carried_type(quantization.get("bits"), bool(quantization.get("sym", True)))
 
 
 # --- Export options ---------------------------------------------------------------
@@ -233,9 +194,9 @@ def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
     from fanformer.checkpoint import read_quantization_config
 
     quantization = read_quantization_config(checkpoint)
-    carried = carried_type(quantization["bits"], quantization["sym"]) if quantization else None
+    carried = carried_checkpoint_type(quantization, options.type)
     parts = [checkpoint.name] + (["llama"] if options.arch == LLAMA_ARCH else [])
-    parts.append(options.type or carried or DEFAULT_WEIGHT_TYPE)
+    parts.append(carried or options.type or DEFAULT_WEIGHT_TYPE)
     if options.imatrix is not None:
         parts.append("imatrix")
     if options.gptq:
@@ -247,7 +208,7 @@ def write(checkpoint: Path, out: Path, options: GGUFOptions, force: bool, valida
     from fanformer.export.gguf_export import export_gguf
 
     # No check runs here (`validate` is not called): the GGUF tests and the drift table run the file.
-    return export_gguf(checkpoint, out, type=options.type or DEFAULT_WEIGHT_TYPE, arch=options.arch,
+    return export_gguf(checkpoint, out, type=options.type, arch=options.arch,
                        imatrix=options.imatrix, gptq=options.gptq, calib_data=list(options.calib_data) or None,
                        calib_samples=options.calib_samples, force=force)
 

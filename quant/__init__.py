@@ -11,8 +11,9 @@ config type's `method` is its name, its fields are the `fanformer quantize` flag
 module: its config dataclass (subclassing `QuantConfig`), its math, its handler. A handler
 returns, per layer name, a `QuantizedWeight` on the shared grid (`quant.grid`), and this
 module swaps the layers for packed `QuantLinear`s (`quant.linear`); the math lives in pure
-functions (`rtn.rtn_quantize`, `gptq.gptq_quantize`). bitsandbytes' int8 and nf4
-(`quant.bnb`) run as bnb's own modules: their handler swaps them in itself.
+functions (`rtn.rtn_quantize`, `gptq.gptq_quantize`). A config whose `own_modules` is true
+has a handler that swaps its own modules in: bitsandbytes' int8 and nf4 (`quant.bnb`),
+and GPTQ on a llama.cpp K-quant grid (`quant.gptq_k`, `GGMLLinear`s).
 """
 
 from __future__ import annotations
@@ -30,25 +31,22 @@ from fanformer.errors import FANformerError
 from fanformer.quant.config import (AWQConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, QuantConfig, RTNConfig,
                                     WeightOnlyConfig)
 from fanformer.quant.grid import QuantizedWeight
-from fanformer.quant.linear import QuantLinear, swap_in, target_linears
+from fanformer.quant.linear import GGMLLinear, QuantLinear, swap_in, target_linears
 
 Handler = Callable[[nn.Module, dict[str, nn.Linear], QuantConfig, "torch.Tensor | None", bool],
                    dict[str, QuantizedWeight]]
 HANDLERS: dict[type, Handler] = {}
 METHODS: dict[str, type] = {}  # method name -> its config type
-SWAPPING: set[type] = set()  # config types whose handler puts its own modules in place (bitsandbytes)
 
 
-def register(config_type: type, swaps: bool = False):
+def register(config_type: type):
     """Decorator: the handler that quantizes a model for configs of `config_type`, which
-    becomes the method `config_type.method`. With `swaps`, the handler replaces the layers
-    itself and returns per layer only the error."""
+    becomes the method `config_type.method`. For a config whose `own_modules` is true, the
+    handler replaces the layers itself and returns per layer only the error."""
 
     def wrap(handler: Handler) -> Handler:
         HANDLERS[config_type] = handler
         METHODS[config_type.method] = config_type
-        if swaps:
-            SWAPPING.add(config_type)
         return handler
 
     return wrap
@@ -72,7 +70,7 @@ def method_config(name: str, **options) -> QuantConfig:
 
 def is_quantized(model: nn.Module) -> bool:
     bnb = sys.modules.get("fanformer.quant.bnb")  # imported with the first bitsandbytes layer, and only then
-    return any(isinstance(m, QuantLinear) or (bnb is not None and bnb.is_bnb_linear(m)) for m in model.modules())
+    return any(isinstance(m, (QuantLinear, GGMLLinear)) or (bnb is not None and bnb.is_bnb_linear(m)) for m in model.modules())
 
 
 def check_layers(layers: dict[str, nn.Linear], config: WeightOnlyConfig) -> None:
@@ -104,7 +102,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     layers = target_linears(model, config.keep, config.lm_head)
     if not layers:
         raise FANformerError("no layer left to quantize: every linear matches a --keep pattern")
-    swaps = type(config) in SWAPPING
+    swaps = config.own_modules
     if not swaps:
         check_layers(layers, config)
     start = time.perf_counter()

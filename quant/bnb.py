@@ -282,8 +282,8 @@ def load_bnb_model(path: Path, qconfig: dict, device: str | torch.device = "cpu"
     return load_state(model, state, path, device)  # in eval mode: LLM.int8()'s int8 path, not bnb's training one
 
 
-@register(BnbInt8Config, swaps=True)
-@register(BnbNF4Config, swaps=True)
+@register(BnbInt8Config)
+@register(BnbNF4Config)
 def bnb_handler(model, layers, config: BnbConfig, calibration, progress):
     """`quantize`'s handler for bitsandbytes int8 and nf4: it swaps in bnb's own modules."""
     return bnb_quantize(model, layers, config, progress)

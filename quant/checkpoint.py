@@ -7,6 +7,11 @@
     tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), generation_config.json
     quant_report.json     per-layer reconstruction error (GPTQ's loss, AWQ's output error and scale search, RTN's weight MSE)
 
+A GPTQ checkpoint on a llama.cpp K-quant grid (`--grid q4_k_m`, quant/gptq_k.py) has the
+same files; its quantization_config says checkpoint_format "ggml", the grid (the GGUF
+mixture) and per quantized linear its ggml type ("tensor_types"), and model.safetensors
+holds per such linear `<name>.qblocks` (uint8, (out, row bytes): the GGUF tensor's bytes).
+
 A bitsandbytes checkpoint (int8 / nf4, quant/bnb.py) has the same files; its
 quantization_config holds transformers' BitsAndBytesConfig keys (quant_method
 "bitsandbytes", load_in_8bit / load_in_4bit, ...) and model.safetensors bnb's own tensors
@@ -22,14 +27,16 @@ import json
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType
 
 from fanformer.checkpoint import (QUANTIZATION_KEY, WEIGHTS_FILE, check_output_dir, load_config, load_model,
                                   load_safetensors, load_state, read_quantization_config, save_checkpoint)
 from fanformer.errors import FANformerError
 from fanformer.model import FANformer
 from fanformer.tokenizer import load_tokenizer
-from fanformer.quant.config import BNB_QUANT_METHOD, BnbConfig, CalibratedConfig, GPTQConfig, WeightOnlyConfig, describe
-from fanformer.quant.linear import QuantLinear, set_module, stored_linear
+from fanformer.quant.config import (BNB_QUANT_METHOD, GGML_CHECKPOINT_FORMAT, K_GRIDS, BnbConfig, CalibratedConfig,
+                                    GPTQConfig, WeightOnlyConfig, describe)
+from fanformer.quant.linear import GGMLLinear, QuantLinear, set_module, stored_linear
 from fanformer.quant.packing import BITS, CHECKPOINT_FORMAT
 
 REPORT_FILE = "quant_report.json"
@@ -45,9 +52,22 @@ def quantization_config(config: WeightOnlyConfig) -> dict:
             "lm_head": config.lm_head, "keep": list(config.keep)}
 
 
+def ggml_quantization_config(config: GPTQConfig, model: FANformer) -> dict:
+    """config.json's quantization_config of a K-grid GPTQ checkpoint: the grid and each
+    GGMLLinear's ggml type, by layer name."""
+    return {"quant_method": config.method, "checkpoint_format": GGML_CHECKPOINT_FORMAT, "grid": config.grid,
+            "version": FORMAT_VERSION, "damp_percent": config.percdamp, "lm_head": config.lm_head,
+            "keep": list(config.keep),
+            "tensor_types": {name: m.qtype.name.lower() for name, m in model.named_modules()
+                             if isinstance(m, GGMLLinear)}}
+
+
 def save_quantized(out: str | Path, model: FANformer, tokenizer, config: WeightOnlyConfig, report: dict) -> Path:
-    """A bitsandbytes config saves bnb's own tensors (quant/bnb.py); the others the GPTQ layout."""
-    if isinstance(config, BnbConfig):
+    """A bitsandbytes config saves bnb's own tensors (quant/bnb.py), a K grid llama.cpp's
+    blocks; the others the GPTQ layout."""
+    if isinstance(config, GPTQConfig) and config.own_modules:
+        qconfig = ggml_quantization_config(config, model)
+    elif isinstance(config, BnbConfig):
         from fanformer.quant.bnb import quantization_config as bnb_quantization_config
 
         qconfig = bnb_quantization_config(config, report["kept"])
@@ -69,6 +89,8 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
         from fanformer.quant.bnb import load_bnb_model
 
         return load_bnb_model(path, qconfig, device)
+    if qconfig.get("checkpoint_format") == GGML_CHECKPOINT_FORMAT:
+        return load_ggml_model(path, qconfig, config, device)
     fmt, bits, group_size = qconfig.get("checkpoint_format"), qconfig.get("bits"), qconfig.get("group_size")
     if fmt != CHECKPOINT_FORMAT or bits not in BITS or not isinstance(group_size, int) or isinstance(group_size, bool):
         raise FANformerError(f"{path}: unsupported {QUANTIZATION_KEY} (checkpoint_format {fmt!r}, bits {bits!r}, "
@@ -95,6 +117,43 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu") -
             raise FANformerError(f"{path / WEIGHTS_FILE}: tensor {name}.g_idx holds group indices "
                                  f"{int(layer.g_idx.min())}..{int(layer.g_idx.max())}, outside 0..{groups - 1}")
     return model
+
+
+# The ggml types a K-grid checkpoint may hold: those llama.cpp's Q4_K mixtures and their
+# row-length fallbacks give a 2-D weight.
+GGML_TYPES = {t.name.lower(): t for t in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+                                          GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q5_0,
+                                          GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
+                                          GGMLQuantizationType.F16)}
+
+
+def load_ggml_model(path: Path, qconfig: dict, config, device: str | torch.device) -> FANformer:
+    """A K-grid GPTQ checkpoint: `GGMLLinear`s where tensor_types names a layer, each checked
+    (name, type, and through load_state the blocks' shape) before anything is read."""
+    grid, types = qconfig.get("grid"), qconfig.get("tensor_types")
+    if grid not in K_GRIDS or not isinstance(types, dict) or not types:
+        raise FANformerError(f"{path}: {QUANTIZATION_KEY} of a ggml checkpoint needs a grid ({', '.join(K_GRIDS)}) "
+                             f"and tensor_types {{layer: type}}, got grid {grid!r} and tensor_types "
+                             f"{type(types).__name__}; the config is damaged")
+    with torch.device("meta"):
+        model = FANformer(config)
+    state = load_safetensors(path / WEIGHTS_FILE)
+    stored = sorted(key[: -len(".qblocks")] for key in state if key.endswith(".qblocks"))
+    if stored != sorted(types):
+        raise FANformerError(f"{path}: {QUANTIZATION_KEY}.tensor_types names {len(types)} layers, "
+                             f"{WEIGHTS_FILE} holds blocks for {len(stored)}; the checkpoint is damaged")
+    for name, type_name in types.items():
+        if type_name not in GGML_TYPES:
+            raise FANformerError(f"{path}: {name} has ggml type {type_name!r}; a {grid} checkpoint holds "
+                                 f"{', '.join(GGML_TYPES)}")
+        layer = stored_linear(model, name, path / WEIGHTS_FILE, f"{name}.qblocks")
+        try:
+            module = GGMLLinear(layer.in_features, layer.out_features, GGML_TYPES[type_name],
+                                bias=layer.bias is not None, device="meta")
+        except FANformerError as e:
+            raise FANformerError(f"{path}: {name}: {e}; the checkpoint is damaged") from None
+        set_module(model, name, module)
+    return load_state(model, state, path, device)
 
 
 def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> FANformer:

@@ -18,6 +18,11 @@ BITS = (2, 3, 4, 8)  # what the GPTQ layout packs (quant/packing.py)
 
 GROUP_SIZES = (128, 64, 32, -1)  # -1: one group per output channel
 
+GGML_CHECKPOINT_FORMAT = "ggml"  # quantization_config.checkpoint_format of a K-grid GPTQ checkpoint
+GPTQ_GRID = "gptq"  # GPTQConfig.grid: the GPTQ v1 integer layout (quant/packing.py)
+# ... or a llama.cpp mixture whose base type is Q4_K: GPTQ on Q4_K's blocks (quant/gptq_k.py).
+K_GRIDS = ("q4_k_m", "q4_k_s")
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -32,6 +37,11 @@ class QuantConfig:
     lm_head: bool = knob(False, "quantize the LM head too (not when tied)")
 
     method = ""  # quant_method in the checkpoint
+
+    @property
+    def own_modules(self) -> bool:
+        """Whether the handler swaps in modules of its own (not `QuantLinear`s on the GPTQ grid)."""
+        return False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(self.keep))
@@ -100,11 +110,27 @@ class GPTQConfig(CalibratedConfig):
     act_order: bool = knob(False, "columns by decreasing Hessian diagonal")
     percdamp: float = knob(0.01, "Hessian dampening, a fraction of its mean diagonal")
     blocksize: int = knob(128, "GPTQ: columns per lazy batch update; NF4: weights per block")
+    grid: str = knob(GPTQ_GRID, "gptq: integers in the GPTQ layout; q4_k_m / q4_k_s: llama.cpp's blocks of that "
+                                "GGUF mixture, GPTQ on Q4_K's grid (export with the same --type carries them)",
+                     choices=(GPTQ_GRID,) + K_GRIDS)
 
     method = "gptq"
 
+    @property
+    def own_modules(self) -> bool:
+        return self.grid != GPTQ_GRID
+
     def _problems(self):
         yield from super()._problems()
+        if self.grid not in (GPTQ_GRID,) + K_GRIDS:
+            yield f"grid must be one of {', '.join((GPTQ_GRID,) + K_GRIDS)}, got {self.grid!r}"
+        elif self.grid != GPTQ_GRID:
+            fixed = [f"{name} {getattr(self, name)}" for name, default in (("bits", 4), ("group_size", 128))
+                     if getattr(self, name) != default]
+            fixed += ["act_order"] if self.act_order else []
+            if fixed:
+                yield (f"grid {self.grid} fixes the grid (Q4_K: 4-bit codes, 6-bit scales and mins per 32 columns "
+                       f"under fp16 scales per 256), so {', '.join(fixed)} do not apply")
         if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize <= 0:
             yield f"blocksize must be a positive integer, got {self.blocksize!r}"
         if not 0 < self.percdamp < 1:
@@ -142,7 +168,11 @@ BNB_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(frozen=True)
 class BnbConfig(QuantConfig):
     """The bitsandbytes methods (quant/bnb.py): no grid and no calibration, only which
-    layers they cover."""
+    layers they cover. Their layers are bnb's own modules."""
+
+    @property
+    def own_modules(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -187,7 +217,9 @@ class BnbNF4Config(BnbConfig):
 
 
 def describe(qconfig: dict) -> str:
-    """What a quantized checkpoint holds ("gptq 4-bit", "bitsandbytes nf4"), for messages."""
+    """What a quantized checkpoint holds ("gptq 4-bit", "bitsandbytes nf4", "gptq q4_k_m"), for messages."""
+    if qconfig.get("checkpoint_format") == GGML_CHECKPOINT_FORMAT:
+        return f"{qconfig.get('quant_method')} {qconfig.get('grid')}"
     if qconfig.get("quant_method") == BNB_QUANT_METHOD:
         return f"{BNB_QUANT_METHOD} {'int8' if qconfig.get('load_in_8bit') else qconfig.get('bnb_4bit_quant_type')}"
     return f"{qconfig.get('quant_method')} {qconfig.get('bits')}-bit"

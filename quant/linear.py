@@ -1,13 +1,17 @@
-"""`QuantLinear`: a linear layer whose weight stays packed in the GPTQ layout in memory,
-and the thin module-swapping layer that puts it in place of `nn.Linear`."""
+"""`QuantLinear`: a linear layer whose weight stays packed in the GPTQ layout in memory;
+`GGMLLinear`: one held as llama.cpp's blocks of a ggml type (a K-quant GPTQ checkpoint);
+and the thin module-swapping layer that puts them in place of `nn.Linear`."""
 
 from __future__ import annotations
 
 import fnmatch
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from fanformer.errors import FANformerError
 from fanformer.quant.grid import QuantizedWeight
@@ -54,6 +58,50 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class GGMLLinear(nn.Module):
+    """y = x W^T + b with W held as `qblocks` (out, row bytes): each row in llama.cpp's blocks
+    of one ggml type, byte for byte what a GGUF file stores (GGUF export copies them).
+
+    The forward uses the blocks' dequantization (gguf-py's), made at the first call and
+    kept: the PyTorch form of these checkpoints is their reference, the GGUF engines run the
+    blocks themselves.
+    """
+
+    def __init__(self, in_features: int, out_features: int, qtype: GGMLQuantizationType, bias: bool, device=None):
+        super().__init__()
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if in_features % block:
+            raise FANformerError(f"rows of {in_features} are not whole {qtype.name} blocks of {block}")
+        self.in_features, self.out_features, self.qtype = in_features, out_features, GGMLQuantizationType(qtype)
+        self.register_buffer("qblocks", torch.zeros(out_features, in_features // block * block_bytes,
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_blocks(cls, blocks: np.ndarray, qtype: GGMLQuantizationType, in_features: int,
+                    bias: torch.Tensor | None) -> "GGMLLinear":
+        layer = cls(in_features, blocks.shape[0], qtype, bias is not None)
+        layer.qblocks = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.uint8))
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W (out, in) in fp32."""
+        values = dequantize(self.qblocks.cpu().numpy(), self.qtype)
+        return torch.from_numpy(values.reshape(self.out_features, self.in_features)).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight is None or self._weight.device != x.device:
+            self._weight = self.dequantized_weight().to(x.device)
+        return F.linear(x, self._weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"type={self.qtype.name.lower()}, bias={self.bias is not None}")
 
 
 def target_linears(model: nn.Module, keep: tuple[str, ...] = (), lm_head: bool = False) -> dict[str, nn.Linear]:
@@ -105,10 +153,10 @@ def swap_in(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Module:
     return model
 
 
-def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
-    """`model` with each QuantLinear replaced by an nn.Linear of its dequantized weight;
-    returns the model and the QuantLinears by name."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear | GGMLLinear]]:
+    """`model` with each QuantLinear / GGMLLinear replaced by an nn.Linear of its dequantized
+    weight; returns the model and the quantized layers by name."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, GGMLLinear))}
     for name, layer in layers.items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         with torch.no_grad():

@@ -58,7 +58,7 @@ def gptq_sequential(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQ
                     ) -> dict[str, object]:
     """Quantize `layers` stage by stage; each layer by `gptq_quantize` on the config's grid,
     or by `quantize_layer(name, weight, H) -> (result, dequantized weight)` when given (a
-    GPTQ on another grid: export/gguf_gptq.py's Q4_K). Returns {name: result}."""
+    GPTQ on another grid: quant/gptq_k.py's Q4_K). Returns {name: result}."""
     device = model.embed.weight.device
     run = Stages(model, calibration, config.batch_size)
     results = {}
@@ -98,4 +98,8 @@ def gptq_handler(model, layers, config: GPTQConfig, calibration, progress) -> di
     """`quantize`'s handler for GPTQ."""
     if calibration is None:
         raise FANformerError("GPTQ needs calibration data: pass calibration token windows (samples, seq_len)")
+    if config.own_modules:  # a llama.cpp K-quant grid
+        from fanformer.quant.gptq_k import gptq_k_quantize
+
+        return gptq_k_quantize(model, layers, config, calibration, progress)
     return gptq_sequential(model, layers, config, calibration, stages(model, layers), progress)

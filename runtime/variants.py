@@ -176,7 +176,7 @@ def imatrix_exported(type: str) -> Build:
 
 
 def gptq_exported(type: str) -> Build:
-    """The GGUF export with GPTQ on Q4_K's grid (export/gguf_gptq.py), calibrated on the
+    """The GGUF export with GPTQ on Q4_K's grid (quant/gptq_k.py), calibrated on the
     context's corpus and windows."""
     def build(context: BuildContext, source: Path, out: Path) -> None:
         from fanformer.export import export

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from fanformer.export import default_output
 from fanformer.export import gguf_export
 from fanformer.export import gguf_format as names
-from fanformer.export import gguf_kquants
+from fanformer.quant import kquants
 from fanformer.export.gguf_export import export_gguf
 from fanformer.checkpoint import load_model, model_state_dict, save_checkpoint
 from fanformer.cli import main
@@ -30,7 +30,7 @@ from fanformer.model import FANformer, apply_rope, rope_cos_sin
 from fanformer.tokenizer import train_tokenizer
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
-TYPES = [t for t in names.WEIGHT_TYPES if t not in gguf_kquants.MIXTURES]  # K-quants: test_gguf_kquants.py
+TYPES = [t for t in names.WEIGHT_TYPES if t not in kquants.MIXTURES]  # K-quants: test_kquants.py
 T = GGMLQuantizationType
 GGUF_DUMP = Path(sys.executable).parent / "gguf-dump"  # console script shipped with gguf
 # Every option at once; CoLA rank in/2 keeps every row length (64, 192, the ranks 32 and

@@ -1,4 +1,4 @@
-"""K-quant and i-quant GGUF files (export/gguf_kquants.py) and importance matrices
+"""K-quant and i-quant GGUF files (quant/kquants.py) and importance matrices
 (quant/imatrix.py, export/gguf_imatrix.py), against independent references: llama.cpp's
 own `llama_model_quantize` on the same f32 file (byte for byte, where llama-cpp-python is
 installed), gguf-py's dequantizers, the GGUF backend's two engines against each other, and
@@ -17,7 +17,7 @@ from gguf.quants import dequantize
 from fanformer.checkpoint import save_checkpoint
 from fanformer.config import FANformerConfig
 from fanformer.export import gguf_format as names
-from fanformer.export import gguf_kquants
+from fanformer.quant import kquants
 from fanformer.export.gguf_export import export_gguf
 from fanformer.export.gguf_imatrix import gguf_entries, read_imatrix, write_imatrix
 from fanformer.model import FANformer
@@ -27,7 +27,7 @@ from fanformer.runtime import load_backend
 from fanformer.tokenizer import train_tokenizer
 
 T = GGMLQuantizationType
-MIXTURES = list(gguf_kquants.MIXTURES)
+MIXTURES = list(kquants.MIXTURES)
 # Rows of 256 and 512 (whole K-quant super-blocks), 8 layers so that the _M mixtures'
 # layer choice (use_more_bits) and the Q3_K_M / Q4_K_S first-layers rules all show.
 WIDE = dict(vocab_size=512, d_model=256, n_layers=8, n_heads=4, n_kv_heads=1, head_dim=64, ffn_dim=512,
@@ -94,14 +94,14 @@ def test_every_mixture_is_llama_cpps_own_bytes(llama, kind, tmp_path):
 def test_mixture_rules_on_a_known_model():
     """Q4_K_M's more-bits layers for 32 layers, as llama.cpp's quantize log of a 32-layer
     Llama lists them (attn_v and ffn_down at Q6_K), and the output at Q6_K."""
-    q6 = [i for i in range(32) if gguf_kquants.mixture_type(f"blk.{i}.ffn_down.weight", "q4_k_m", 32, 1,
+    q6 = [i for i in range(32) if kquants.mixture_type(f"blk.{i}.ffn_down.weight", "q4_k_m", 32, 1,
                                                             False, False) == T.Q6_K]
     assert q6 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
-    assert gguf_kquants.mixture_type("output.weight", "q4_k_m", 32, 1, False, False) == T.Q6_K
-    assert gguf_kquants.mixture_type("blk.5.fan.weight", "q4_k_m", 32, 1, False, False) == T.Q4_K  # ours: base
-    assert gguf_kquants.mixture_type("blk.0.attn_v.weight", "q3_k_m", 32, 4, False, False) == T.Q5_K
-    assert gguf_kquants.mixture_type("blk.0.ffn_down.weight", "q4_0", 32, 1, False, True) == T.Q4_1  # imatrix guard
-    assert gguf_kquants.mixture_type("blk.0.ffn_down.weight", "q4_0", 32, 1, False, False) == T.Q4_0
+    assert kquants.mixture_type("output.weight", "q4_k_m", 32, 1, False, False) == T.Q6_K
+    assert kquants.mixture_type("blk.5.fan.weight", "q4_k_m", 32, 1, False, False) == T.Q4_K  # ours: base
+    assert kquants.mixture_type("blk.0.attn_v.weight", "q3_k_m", 32, 4, False, False) == T.Q5_K
+    assert kquants.mixture_type("blk.0.ffn_down.weight", "q4_0", 32, 1, False, True) == T.Q4_1  # imatrix guard
+    assert kquants.mixture_type("blk.0.ffn_down.weight", "q4_0", 32, 1, False, False) == T.Q4_0
 
 
 @pytest.mark.parametrize("kind", MIXTURES)
@@ -122,13 +122,13 @@ def test_every_tensor_dequantizes_close_to_the_checkpoint(fan, kind, tmp_path):
         if array.ndim == 1:
             assert t.tensor_type == T.F32 and np.array_equal(got, array), name
             continue
-        wanted = gguf_kquants.mixture_type(name, kind, config.n_layers, config.n_heads // config.n_kv_heads,
+        wanted = kquants.mixture_type(name, kind, config.n_layers, config.n_heads // config.n_kv_heads,
                                            config.tie_embeddings, False)
-        assert t.tensor_type == gguf_kquants.fallback_type(wanted, array.shape[-1]), name
+        assert t.tensor_type == kquants.fallback_type(wanted, array.shape[-1]), name
         seen.add(t.tensor_type)
         rms = np.sqrt(np.mean((got - array) ** 2) / np.mean(array ** 2))
         assert rms <= RMS_BOUND[t.tensor_type], (name, t.tensor_type.name, rms)
-    assert gguf_kquants.MIXTURES[kind].base in seen
+    assert kquants.MIXTURES[kind].base in seen
 
 
 def test_rows_not_in_whole_super_blocks_fall_back_as_llama_cpp_does(tmp_path_factory, tokenizer, caplog):
@@ -144,7 +144,7 @@ def test_rows_not_in_whole_super_blocks_fall_back_as_llama_cpp_does(tmp_path_fac
         assert found["blk.0.attn_q.weight"].tensor_type == fallback  # rows of 64
         assert found["blk.1.ffn_down.weight"].tensor_type != fallback  # rows of 512 keep a K-quant
         warning = " ".join(r.getMessage() for r in caplog.records)
-        assert f"blk.0.attn_q.weight ({gguf_kquants.MIXTURES[kind].base.name.lower()} -> {fallback.name.lower()})" \
+        assert f"blk.0.attn_q.weight ({kquants.MIXTURES[kind].base.name.lower()} -> {fallback.name.lower()})" \
             in warning
 
 
@@ -284,7 +284,7 @@ def test_gptq_on_the_q4_k_grid_lowers_the_layer_output_error():
     """GPTQ's objective, ||W X - Q X||^2 over the calibration inputs X: its Q4_K blocks beat
     ggml's own Q4_K quantizer, plain and weighted by the same Hessian diagonal, on inputs
     with correlated columns (where error feedback has something to exploit)."""
-    from fanformer.export.gguf_gptq import gptq_q4_k
+    from fanformer.quant.gptq_k import gptq_q4_k
     from fanformer.quant.gptq import Hessian
 
     g = torch.Generator().manual_seed(0)
@@ -300,14 +300,14 @@ def test_gptq_on_the_q4_k_grid_lowers_the_layer_output_error():
     def output_error(Q: torch.Tensor) -> float:
         return float(((W - Q) @ X.t()).pow(2).sum())
 
-    plain = torch.from_numpy(dequantize(gguf_kquants.quantize(W.numpy(), T.Q4_K), T.Q4_K)).reshape(W.shape)
-    weighted = torch.from_numpy(dequantize(gguf_kquants.quantize(W.numpy(), T.Q4_K, torch.diag(hessian.H).numpy()),
+    plain = torch.from_numpy(dequantize(kquants.quantize(W.numpy(), T.Q4_K), T.Q4_K)).reshape(W.shape)
+    weighted = torch.from_numpy(dequantize(kquants.quantize(W.numpy(), T.Q4_K, torch.diag(hessian.H).numpy()),
                                            T.Q4_K)).reshape(W.shape)
     assert output_error(dequantized) < 0.8 * min(output_error(plain), output_error(weighted))
 
 
 def test_gptq_export_writes_the_mixture_and_runs(fan, corpus, tmp_path, caplog, cli_fails):
-    with caplog.at_level(logging.INFO, logger="fanformer.export.gguf_gptq"):
+    with caplog.at_level(logging.INFO, logger="fanformer.quant.gptq_k"):
         path = export_gguf(fan, tmp_path / "m.gguf", type="q4_k_m", gptq=True, calib_data=[str(corpus)],
                            calib_samples=4, progress=False)
     assert "GPTQ on the Q4_K grid: " in caplog.text
@@ -317,8 +317,8 @@ def test_gptq_export_writes_the_mixture_and_runs(fan, corpus, tmp_path, caplog, 
     for key, value in model.state_dict().items():
         name = names.gguf_tensor_name(key)
         if value.ndim == 2 and name != "token_embd.weight":
-            wanted = gguf_kquants.mixture_type(name, "q4_k_m", c.n_layers, c.n_heads // c.n_kv_heads, False, True)
-            assert found[name].tensor_type == gguf_kquants.fallback_type(wanted, value.shape[1]), name
+            wanted = kquants.mixture_type(name, "q4_k_m", c.n_layers, c.n_heads // c.n_kv_heads, False, True)
+            assert found[name].tensor_type == kquants.fallback_type(wanted, value.shape[1]), name
             got = dequantize(np.asarray(found[name].data), found[name].tensor_type).reshape(value.shape)
             rms = np.sqrt(np.mean((got - value.numpy()) ** 2) / np.mean(value.numpy() ** 2))
             assert rms < 2 * RMS_BOUND[found[name].tensor_type], (name, rms)  # GPTQ trades weight error for output
@@ -329,3 +329,70 @@ def test_gptq_export_writes_the_mixture_and_runs(fan, corpus, tmp_path, caplog, 
               "--gptq only applies to quantized types")
     cli_fails(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--calib-data", corpus,
                "--out", tmp_path / "x.gguf"], "only apply with --gptq")
+
+
+def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, tmp_path, caplog, cli_fails):
+    """`quantize --method gptq --grid q4_k_m` then `export --type q4_k_m` writes exactly the
+    file `export --type q4_k_m --gptq` writes from the float checkpoint (the same pass, its
+    blocks kept in the checkpoint); the checkpoint's PyTorch form computes with the file's
+    numbers; another type re-quantizes with the reason logged; ONNX refuses the blocks."""
+    from fanformer.quant.checkpoint import quantize_checkpoint
+    from fanformer.quant.config import GPTQConfig
+
+    ckpt = tmp_path / "gptq-q4_k_m"
+    quantize_checkpoint(fan, GPTQConfig(grid="q4_k_m", calib_samples=4, lm_head=True), ckpt,
+                        calib_data=[str(corpus)], progress=False)
+    direct = export_gguf(fan, tmp_path / "direct.gguf", type="q4_k_m", gptq=True, calib_data=[str(corpus)],
+                         calib_samples=4, progress=False)
+    with caplog.at_level(logging.INFO, logger="fanformer.export.gguf_export"):
+        carried = export_gguf(ckpt, tmp_path / "carried.gguf", progress=False)  # no --type: the checkpoint's
+    assert "carrying 65 tensors of llama.cpp blocks (q4_k_m)" in caplog.text  # 8 linears x 8 blocks + head
+    ours, theirs = file_tensors(carried), file_tensors(direct)
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        np.testing.assert_array_equal(np.asarray(ours[name].data), np.asarray(t.data), err_msg=name)
+    assert GGUFReader(carried).fields["general.file_type"].contents() == int(kquants.MIXTURES["q4_k_m"].file_type)
+
+    # The checkpoint's PyTorch form computes with exactly the file's numbers (the embedding,
+    # which the checkpoint keeps in float and the mixture quantizes, aside).
+    model = load_backend(ckpt, format="pytorch").model
+    for name, module in model.named_modules():
+        if hasattr(module, "qblocks"):
+            t = ours[names.gguf_tensor_name(f"{name}.weight")]
+            expected = dequantize(np.asarray(t.data), t.tensor_type).reshape(module.out_features, -1)
+            np.testing.assert_array_equal(module.dequantized_weight().numpy(), expected, err_msg=name)
+    ids = torch.randint(3, 400, (1, 24), generator=torch.Generator().manual_seed(1))
+    reference = load_backend(fan, format="pytorch").score(ids)
+    p, q = reference.log_softmax(-1), model(ids).log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    assert 0 < float(kl) < 0.05
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fanformer.export.gguf_export"):
+        other = export_gguf(ckpt, tmp_path / "q6.gguf", type="q6_k", progress=False)
+    assert "q4_k_m blocks are not q6_k's: quantizing its dequantized weights to q6_k instead" in caplog.text
+    assert file_tensors(other)["blk.0.attn_q.weight"].tensor_type == T.Q6_K
+    cli_fails(["export", ckpt, "--format", "onnx", "--out", tmp_path / "onnx"], "llama.cpp blocks",
+              "--format gguf")
+    cli_fails(["quantize", fan, "--method", "gptq", "--grid", "q4_k_m", "--bits", "8", "--out", tmp_path / "x"],
+              "bits 8 do not apply")
+
+    # A damaged quantization_config is one clear error, before anything is allocated.
+    import json
+    import shutil
+
+    def damaged(edit) -> Path:
+        copy = tmp_path / f"damaged-{len(list(tmp_path.glob('damaged-*')))}"
+        shutil.copytree(ckpt, copy)
+        config = json.loads((copy / "config.json").read_text())
+        edit(config["quantization_config"])
+        (copy / "config.json").write_text(json.dumps(config))
+        return copy
+
+    for edit, fragment in ((lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": "q2_k"}), "ggml type 'q2_k'"),
+                           (lambda q: q["tensor_types"].pop("lm_head"), "names 64 layers"),
+                           (lambda q: q.update(grid="q9_k"), "needs a grid"),
+                           (lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": "q6_k"}), "shape")):
+        cli_fails(["generate", damaged(edit), "--prompt", "x", "--max-new-tokens", "1"], fragment)
+

@@ -58,6 +58,67 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 REFERENCE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 
 
+# --- Tensor names ---------------------------------------------------------------
+# (pattern over FANformer state_dict keys, GGUF name template). CoLA layers store their
+# two factors as <name>_a (in -> rank) and <name>_b (rank -> out); the FAN projection's
+# bias sits on its output factor.
+_LINEARS = {
+    r"attn\.fan\.proj": "fan",
+    r"attn\.q_proj": "attn_q",
+    r"attn\.k_proj": "attn_k",
+    r"attn\.v_proj": "attn_v",
+    r"attn\.o_proj": "attn_output",
+    r"ffn\.gate_proj": "ffn_gate",
+    r"ffn\.up_proj": "ffn_up",
+    r"ffn\.down_proj": "ffn_down",
+}
+_BLOCK_VECTORS = {
+    r"attn_norm\.weight": "attn_norm.weight",
+    r"ffn_norm\.weight": "ffn_norm.weight",
+    r"attn\.q_norm\.weight": "attn_q_norm.weight",
+    r"attn\.k_norm\.weight": "attn_k_norm.weight",
+    r"attn\.v_norm\.weight": "attn_v_norm.weight",
+    r"attn_gate": "attn_residual_gate.weight",
+    r"ffn_gate": "ffn_residual_gate.weight",
+}
+_TOP_LEVEL = {
+    "embed.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "lm_head.lora_a.weight": "output_a.weight",
+    "lm_head.lora_b.weight": "output_b.weight",
+}
+
+
+def _rules() -> list[tuple[re.Pattern, str]]:
+    rules = [(re.compile(re.escape(k) + "$"), v) for k, v in _TOP_LEVEL.items()]
+    for pattern, name in _LINEARS.items():
+        for suffix, gguf_suffix in ((r"\.weight", ".weight"), (r"\.bias", ".bias"),
+                                    (r"\.lora_a\.weight", "_a.weight"), (r"\.lora_b\.weight", "_b.weight"),
+                                    (r"\.lora_b\.bias", "_b.bias")):
+            rules.append((re.compile(rf"blocks\.(\d+)\.{pattern}{suffix}$"), f"blk.{{}}.{name}{gguf_suffix}"))
+    for pattern, name in _BLOCK_VECTORS.items():
+        rules.append((re.compile(rf"blocks\.(\d+)\.{pattern}$"), f"blk.{{}}.{name}"))
+    return rules
+
+
+RULES = _rules()
+
+
+def gguf_tensor_name(state_key: str) -> str:
+    """GGUF name of a `FANformer.state_dict()` key, e.g. blocks.3.attn.q_proj.weight -> blk.3.attn_q.weight."""
+    for pattern, template in RULES:
+        match = pattern.match(state_key)
+        if match:
+            return template.format(*match.groups())
+    raise KeyError(f"no GGUF name for model tensor {state_key!r}")
+
+
+def tensor_names(state_keys) -> dict[str, str]:
+    """{GGUF name: state_dict key} for a model's keys: how a reader maps tensors back."""
+    return {gguf_tensor_name(k): k for k in state_keys}
+
+
 def use_more_bits(layer: int, n_layers: int) -> bool:
     """llama.cpp's choice of the layers that get more bits in the _M mixtures: the first and
     last eighth, and every third layer between."""

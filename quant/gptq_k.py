@@ -1,6 +1,8 @@
 """GPTQ whose grid is Q4_K's blocks: the error feedback of GPTQ (Frantar et al. 2022, arXiv
-2210.17323) works on the very numbers a Q4_K GGUF tensor stores, so the export writes
-GPTQ's integers without quantizing again.
+2210.17323) works on the very numbers a Q4_K GGUF tensor stores, so the GGUF export writes
+GPTQ's integers without quantizing again. Two ways in: `fanformer quantize --method gptq
+--grid q4_k_m` (a checkpoint of `GGMLLinear`s, which `export --type q4_k_m` copies byte for
+byte) and `fanformer export --type q4_k_m --gptq` (the same pass at export time).
 
 A Q4_K super-block covers 256 input columns of a row: an fp16 scale d and min dmin, eight
 sub-blocks of 32 columns each with a 6-bit scale sc_j and min m_j, and 4-bit codes q:
@@ -29,8 +31,7 @@ import torch.nn as nn
 from gguf import GGMLQuantizationType
 from gguf.quants import Q4_K, dequantize
 
-from fanformer.export import gguf_format as names
-from fanformer.export import gguf_kquants
+from fanformer.quant import kquants
 from fanformer.quant.config import GPTQConfig
 from fanformer.quant.gptq import inverse_hessian_cholesky
 
@@ -86,7 +87,7 @@ def gptq_q4_k(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01, blocksiz
             column = i1 + i
             if column % SUPER_BLOCK == 0:  # fix this super-block's grid from the weights as they are now
                 span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :SUPER_BLOCK]
-                block = gguf_kquants.quantize(span.numpy(), Q.Q4_K, importance[column:column + SUPER_BLOCK])
+                block = kquants.quantize(span.numpy(), Q.Q4_K, importance[column:column + SUPER_BLOCK])
                 headers[:, column // SUPER_BLOCK] = block[:, :HEADER]
                 scales, mins = q4_k_grid(block[:, :HEADER])
             j = (column % SUPER_BLOCK) // SUB_BLOCK
@@ -107,36 +108,64 @@ def gptq_q4_k(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01, blocksiz
 
 
 def gptq_tensors(model: nn.Module, kind: str, calibration: torch.Tensor, config: GPTQConfig,
-                 progress: bool = True) -> dict[str, tuple[GGMLQuantizationType, np.ndarray]]:
-    """{GGUF name: (type, bytes (rows, row bytes))} for every block linear and an untied LM
-    head of the float `model`, quantized block by block on `calibration` windows: GPTQ on
-    the Q4_K grid where the mixture `kind` says Q4_K, Hessian-diagonal-weighted ggml
-    quantization elsewhere. `model`'s weights are replaced by what is stored."""
+                 layers: dict[str, nn.Linear] | None = None,
+                 progress: bool = True) -> dict[str, tuple[GGMLQuantizationType, np.ndarray, float]]:
+    """{layer name: (type, bytes (rows, row bytes), error)} for `layers` of the float `model`
+    (default: every block linear and an untied LM head), quantized block by block on
+    `calibration` windows: GPTQ on the Q4_K grid where the mixture `kind` says Q4_K,
+    Hessian-diagonal-weighted ggml quantization elsewhere; error is ||W - Q||_F / ||W||_F.
+    `model`'s weights are replaced by what is stored."""
     from fanformer.quant import stages
     from fanformer.quant.sequential import gptq_sequential
 
     c = model.config
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
-              and (name.startswith("blocks.") or (name == "lm_head" and not c.tie_embeddings))}
-    written: dict[str, tuple[GGMLQuantizationType, np.ndarray]] = {}
+    if layers is None:
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                  and (name.startswith("blocks.") or (name == "lm_head" and not c.tie_embeddings))}
+    written: dict[str, tuple[GGMLQuantizationType, np.ndarray, float]] = {}
     counts = {"gptq": 0, "weighted": 0}
 
     def quantize_layer(name: str, weight: torch.Tensor, H: torch.Tensor):
-        gguf_name = names.gguf_tensor_name(f"{name}.weight")
-        wanted = gguf_kquants.mixture_type(gguf_name, kind, c.n_layers, c.n_heads // c.n_kv_heads,
-                                           c.tie_embeddings, True)
-        qtype = gguf_kquants.fallback_type(wanted, weight.shape[1])
+        wanted = kquants.mixture_type(kquants.gguf_tensor_name(f"{name}.weight"), kind, c.n_layers,
+                                      c.n_heads // c.n_kv_heads, c.tie_embeddings, True)
+        qtype = kquants.fallback_type(wanted, weight.shape[1])
         if qtype == Q.Q4_K:
             data, dequantized, _ = gptq_q4_k(weight, H, config.percdamp, config.blocksize, name)
             counts["gptq"] += 1
-        else:
-            data = gguf_kquants.quantize(weight.float().numpy(), qtype, torch.diag(H).float().numpy())
+        elif qtype in (Q.F16, Q.F32):
+            data = weight.to(torch.float16 if qtype == Q.F16 else torch.float32).numpy().view(np.uint8)
             dequantized = torch.from_numpy(dequantize(data, qtype)).reshape(weight.shape)
             counts["weighted"] += 1
-        written[gguf_name] = (qtype, data)
+        else:
+            data = kquants.quantize(weight.float().numpy(), qtype, torch.diag(H).float().numpy())
+            dequantized = torch.from_numpy(dequantize(data, qtype)).reshape(weight.shape)
+            counts["weighted"] += 1
+        error = float((dequantized - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
+        written[name] = (qtype, data, error)
         return data, dequantized
 
     gptq_sequential(model, layers, config, calibration, stages(model, layers), progress, quantize_layer)
     log.info("GPTQ on the Q4_K grid: %d tensors; %d others (another type in %s) weighted by the Hessian "
              "diagonal", counts["gptq"], counts["weighted"], kind)
     return written
+
+
+class LayerError:
+    """A layer's entry in the quantization report: its relative weight error."""
+
+    metric = "relative_weight_error"
+
+    def __init__(self, error: float):
+        self.error = error
+
+
+def gptq_k_quantize(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQConfig,
+                    calibration: torch.Tensor, progress: bool) -> dict[str, LayerError]:
+    """`quantize`'s handler for GPTQConfig(grid=q4_k_m / q4_k_s): swap each of `layers` for a
+    `GGMLLinear` holding the blocks `gptq_tensors` wrote."""
+    from fanformer.quant.linear import GGMLLinear, swap_in
+
+    written = gptq_tensors(model, config.grid, calibration, config, layers, progress)
+    swap_in(model, {name: GGMLLinear.from_blocks(data, qtype, layers[name].in_features, layers[name].bias)
+                    .to(layers[name].weight.device) for name, (qtype, data, _) in written.items()})
+    return {name: LayerError(error) for name, (_, _, error) in written.items()}
