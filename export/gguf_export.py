@@ -189,7 +189,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
     gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
     importance matrix file `imatrix` if given, or with `gptq` (quant/gptq_k.py) on
-    `calib_samples` windows of `calib_data`. `type` None: the default (f16), or the type a
+    `calib_samples` windows of `calib_data`, or else with the importance matrix measured on
+    those windows when `calib_data` is given. `type` None: the default (f16), or the type a
     quantized checkpoint is carried into."""
     checkpoint, out = Path(checkpoint), Path(out)
     asked, type = type, type or names.DEFAULT_WEIGHT_TYPE
@@ -206,6 +207,15 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
     qconfig = read_quantization_config(checkpoint)
     model = load_any_model(checkpoint)
     config = model.config
+    if calib_data and not gptq:  # an importance matrix measured here, as `fanformer imatrix` would
+        if qconfig is not None:
+            raise FANformerError(f"{checkpoint} is already quantized; an importance matrix is measured on the "
+                                 "float checkpoint it came from")
+        from fanformer.export.gguf_imatrix import importance_means, measure_importance
+
+        stats, _ = measure_importance(checkpoint, model, calib_data, calib_samples,
+                                      min(names.IMATRIX_CTX, config.max_seq_len), progress=progress)
+        importance = importance_means(stats, config.tie_embeddings)
     if config.head != "linear" or config.mixer != "attention":
         raise FANformerError(f"{checkpoint} has head = {config.head!r} and mixer = {config.mixer!r}, but GGUF "
                              "(and llama.cpp) runs the linear head with attention only; export it with "

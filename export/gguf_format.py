@@ -110,6 +110,7 @@ WEIGHT_TYPES = {
 LEGACY_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # one type for every 2-D weight
 FLOAT_TYPES = ("f32", "f16", "bf16")  # nothing to quantize: --imatrix and --gptq do not apply
 GPTQ_CALIB_SAMPLES = 128  # --gptq's calibration windows, GPTQConfig's default
+IMATRIX_CTX = 512  # tokens per window of an importance matrix (llama-imatrix's default -c), capped at the context
 DEFAULT_WEIGHT_TYPE = "f16"
 SMALL_TENSOR_TYPE = GGMLQuantizationType.F32
 FLOAT_GGML_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -166,9 +167,10 @@ class GGUFOptions:
                                      "llama-imatrix) weighting the rounding error of q* and k-quant types")
     gptq: bool = knob(False, "GPTQ on Q4_K's grid (q4_k_s/q4_k_m; other types: Hessian-weighted), calibrated on "
                              "--calib-data; the float checkpoint only")
-    calib_data: tuple[str, ...] = knob((), "--gptq: corpus files/folders/globs whose TRAINING split calibrates "
-                                           "(default: the Python standard library; repeatable)")
-    calib_samples: int = knob(GPTQ_CALIB_SAMPLES, "--gptq: calibration windows")
+    calib_data: tuple[str, ...] = knob((), "corpus files/folders/globs whose TRAINING split calibrates --gptq "
+                                           "(default: the Python standard library), or, without --gptq, gives an "
+                                           "importance matrix measured here (repeatable)")
+    calib_samples: int = knob(GPTQ_CALIB_SAMPLES, "calibration windows of --gptq / --calib-data")
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in WEIGHT_TYPES:
@@ -179,9 +181,13 @@ class GGUFOptions:
             raise FANformerError("--gptq measures the layers' full Hessians itself; drop --imatrix")
         if self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
             raise FANformerError(f"--gptq only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
-        if not self.gptq and (self.calib_data or self.calib_samples != GPTQ_CALIB_SAMPLES):
-            raise FANformerError("--calib-data and --calib-samples only apply with --gptq (for an importance "
-                                 "matrix, run `fanformer imatrix` and pass --imatrix)")
+        if self.calib_data and self.imatrix is not None:
+            raise FANformerError("--calib-data measures an importance matrix, --imatrix reads one: give one of them")
+        if not self.calib_data and not self.gptq and self.calib_samples != GPTQ_CALIB_SAMPLES:
+            raise FANformerError("--calib-samples only applies with --calib-data or --gptq")
+        if self.calib_data and not self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
+            raise FANformerError(f"--calib-data (an importance matrix) only applies to quantized types, not "
+                                 f"--type {self.type or DEFAULT_WEIGHT_TYPE}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise FANformerError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
@@ -197,7 +203,7 @@ def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
     carried = carried_checkpoint_type(quantization, options.type)
     parts = [checkpoint.name] + (["llama"] if options.arch == LLAMA_ARCH else [])
     parts.append(carried or options.type or DEFAULT_WEIGHT_TYPE)
-    if options.imatrix is not None:
+    if options.imatrix is not None or (options.calib_data and not options.gptq):
         parts.append("imatrix")
     if options.gptq:
         parts.append("gptq")

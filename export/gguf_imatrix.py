@@ -31,15 +31,12 @@ SUM2, COUNTS = ".in_sum2", ".counts"
 
 
 def make_imatrix(checkpoint: str | Path, out: str | Path, data: list[str] | None = None, chunks: int = 64,
-                 ctx: int = 512, cache_dir: str | Path | None = None, progress: bool = True,
+                 ctx: int = names.IMATRIX_CTX, cache_dir: str | Path | None = None, progress: bool = True,
                  force: bool = False) -> tuple[Path, int, int]:
     """Measure `checkpoint`'s importance matrix over `chunks` windows of `ctx` tokens (capped
     at its context) from the training split of `data` (default corpus if None) and write it
     at `out`; returns (out, windows, tokens per window)."""
     from fanformer.checkpoint import load_model, read_quantization_config
-    from fanformer.quant.calibration import calibration_tokens
-    from fanformer.quant.imatrix import collect_importance
-    from fanformer.tokenizer import load_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     if read_quantization_config(checkpoint) is not None:
@@ -48,11 +45,28 @@ def make_imatrix(checkpoint: str | Path, out: str | Path, data: list[str] | None
     check_output_file(out, force)
     model = load_model(checkpoint)
     ctx = min(ctx, model.config.max_seq_len)
-    windows = calibration_tokens(load_tokenizer(checkpoint), data, chunks, ctx, cache_dir=cache_dir)
-    stats = collect_importance(model, windows, progress=progress)
+    stats, windows = measure_importance(checkpoint, model, data, chunks, ctx, cache_dir, progress)
     datasets = [str(d) for d in data] if data else ["the Python standard library"]
-    write_imatrix(out, gguf_entries(stats, model.config.tie_embeddings), datasets, len(windows), ctx, force=force)
-    return out, len(windows), ctx
+    write_imatrix(out, gguf_entries(stats, model.config.tie_embeddings), datasets, windows, ctx, force=force)
+    return out, windows, ctx
+
+
+def measure_importance(checkpoint: Path, model, data: list[str] | None, chunks: int, ctx: int,
+                       cache_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, int]:
+    """quant/imatrix.py's statistics of the float `model` over `chunks` windows of `ctx` tokens
+    from the training split of `data`, tokenized by `checkpoint`'s tokenizer; and the
+    number of windows."""
+    from fanformer.quant.calibration import calibration_tokens
+    from fanformer.quant.imatrix import collect_importance
+    from fanformer.tokenizer import load_tokenizer
+
+    windows = calibration_tokens(load_tokenizer(checkpoint), data, chunks, ctx, cache_dir=cache_dir)
+    return collect_importance(model, windows, progress=progress), len(windows)
+
+
+def importance_means(stats: dict, tied: bool) -> dict[str, np.ndarray]:
+    """{GGUF weight name: per-column mean of x^2}, what `read_imatrix` gives from a file."""
+    return {name: (sum_x2 / count).astype(np.float32) for name, (sum_x2, count) in gguf_entries(stats, tied).items()}
 
 
 def gguf_entries(stats: dict, tied: bool) -> dict[str, tuple[np.ndarray, int]]:

@@ -258,6 +258,29 @@ def test_imatrix_cli_and_export_flag(fan, corpus, tmp_path, cli_fails, capsys):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
 
 
+def test_calib_data_on_export_is_the_imatrix_files_quantization(fan, corpus, tmp_path, cli_fails):
+    """`export --calib-data` (no --gptq) measures the importance matrix `fanformer imatrix`
+    writes from the same windows, and quantizes with it: the same bytes as `--imatrix FILE`."""
+    from fanformer.cli import main
+
+    imatrix = tmp_path / "m.imatrix.gguf"
+    assert main(["imatrix", fan, "--calib-data", corpus, "--chunks", "4", "--ctx", "64", "--out", imatrix,
+                 "--quiet"]) == 0
+    via_file = file_tensors(export_gguf(fan, tmp_path / "file.gguf", type="q4_k_m", imatrix=imatrix))
+    assert main(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--calib-data", corpus,
+                 "--calib-samples", "4"]) == 0
+    direct = file_tensors(fan.with_name("ckpt-q4_k_m-imatrix.gguf"))  # the default name says how it was made
+    plain = file_tensors(export_gguf(fan, tmp_path / "plain.gguf", type="q4_k_m"))
+    assert direct.keys() == via_file.keys()
+    for name, t in via_file.items():
+        np.testing.assert_array_equal(np.asarray(direct[name].data), np.asarray(t.data), err_msg=name)
+    assert any(not np.array_equal(np.asarray(direct[n].data), np.asarray(t.data)) for n, t in plain.items())
+    cli_fails(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--calib-data", corpus, "--imatrix", imatrix,
+               "--out", tmp_path / "x.gguf"], "give one of them")
+    cli_fails(["export", fan, "--format", "gguf", "--type", "f16", "--calib-data", corpus,
+               "--out", tmp_path / "x.gguf"], "only applies to quantized types")
+
+
 def test_a_gptq_checkpoint_into_a_k_quant_is_requantized_and_says_why(fan, tmp_path, caplog):
     """GPTQ's grid (an fp16 scale and integer zero per group) is not a K-quant block's, so
     its dequantized weights are quantized into the mixture, with the reason logged."""
@@ -268,7 +291,7 @@ def test_a_gptq_checkpoint_into_a_k_quant_is_requantized_and_says_why(fan, tmp_p
     quantize_checkpoint(fan, RTNConfig(bits=4, group_size=32), quantized, progress=False)
     with caplog.at_level(logging.WARNING, logger="fanformer.export.gguf_export"):
         path = export_gguf(quantized, tmp_path / "m.gguf", type="q4_k_m")
-    assert "cannot hold exactly" in caplog.text and "quantizing its dequantized weights to q4_k_m" in caplog.text
+    assert "cannot hold its groups exactly" in caplog.text and "quantizing its dequantized weights to q4_k_m" in caplog.text
     found = file_tensors(path)
     layer = load_quantized_model(quantized).blocks[0].ffn.up_proj
     t = found["blk.0.ffn_up.weight"]
@@ -327,8 +350,8 @@ def test_gptq_export_writes_the_mixture_and_runs(fan, corpus, tmp_path, caplog, 
     assert torch.isfinite(scores[0]).all()
     cli_fails(["export", fan, "--format", "gguf", "--type", "f16", "--gptq", "--out", tmp_path / "x.gguf"],
               "--gptq only applies to quantized types")
-    cli_fails(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--calib-data", corpus,
-               "--out", tmp_path / "x.gguf"], "only apply with --gptq")
+    cli_fails(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--calib-samples", "4",
+               "--out", tmp_path / "x.gguf"], "--calib-samples only applies with --calib-data or --gptq")
 
 
 def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, tmp_path, caplog, cli_fails):
