@@ -175,19 +175,6 @@ def imatrix_exported(type: str) -> Build:
     return build
 
 
-def gptq_exported(type: str) -> Build:
-    """The GGUF export with GPTQ on Q4_K's grid (quant/gptq_k.py), calibrated on the
-    context's corpus and windows."""
-    def build(context: BuildContext, source: Path, out: Path) -> None:
-        from fanformer.export import export
-        from fanformer.export.gguf_format import GPTQ_CALIB_SAMPLES
-
-        export(source, "gguf", out, force=True, type=type, gptq=True, calib_data=tuple(context.data or ()),
-               calib_samples=context.calib_samples or GPTQ_CALIB_SAMPLES)
-
-    return build
-
-
 # --- The registry ----------------------------------------------------------------------
 
 VARIANTS: dict[str, Variant] = {}
@@ -218,6 +205,8 @@ _add("awq-w4g128", "pytorch", "AWQ, groups of 128", 4, quantized("awq", bits=4, 
 _add("awq-w4g128-keep-fan", "pytorch", "AWQ, groups of 128, FAN projection kept float", 4,
      quantized("awq", bits=4, group_size=128, keep=(FAN_PROJECTION,)))
 _add("gptq-w4g32", "pytorch", "GPTQ, groups of 32", 4, quantized("gptq", bits=4, group_size=32))
+# GPTQ on Q4_K's grid, kept as llama.cpp's blocks (quant/gptq_k.py); gguf-q4_k_m-gptq carries them.
+_add("gptq-q4_k_m", "pytorch", "GPTQ on Q4_K's grid, Q4_K_M mixture", 4, quantized("gptq", grid="q4_k_m", lm_head=True))
 _add("onnx-fp32", "onnx", "fp32", 32, exported("onnx", dtype="fp32"), devices=CPU)
 _add("onnx-fp16", "onnx", "fp16 weights and compute", 16, exported("onnx", dtype="fp16"), devices=CPU)
 _add("onnx-int8", "onnx", "dynamic int8 (MatMulInteger)", 8, exported("onnx", quantize="int8"), devices=CPU)
@@ -238,8 +227,8 @@ for _type, _bits in (("q6_k", 6), ("q4_k_m", 4), ("iq4_xs", 4)):
          GGUF_FILE.format(f"gguf-{_type}"), devices=CPU)
 _add("gguf-q4_k_m-imatrix", "gguf", "Q4_K_M with an importance matrix", 4, imatrix_exported("q4_k_m"),
      GGUF_FILE.format("gguf-q4_k_m-imatrix"), devices=CPU)
-_add("gguf-q4_k_m-gptq", "gguf", "Q4_K_M, GPTQ on Q4_K's grid", 4, gptq_exported("q4_k_m"),
-     GGUF_FILE.format("gguf-q4_k_m-gptq"), devices=CPU)
+_add("gguf-q4_k_m-gptq", "gguf", "GPTQ on Q4_K's grid carried into Q4_K_M", 4, exported("gguf"),
+     GGUF_FILE.format("gguf-q4_k_m-gptq"), source="gptq-q4_k_m", devices=CPU)
 _add("gptq-w4g32-gguf", "gguf", "GPTQ g32 carried into q4_0", 4, exported("gguf"), GGUF_FILE.format("gptq-w4g32"),
      source="gptq-w4g32", devices=CPU)
 _add("gptq-w4g128-onnx", "onnx", "GPTQ g128 carried into MatMulNBits", 4, exported("onnx"), source="gptq-w4g128",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fanformer.cli.flags import add_option_flags, given_options, inapplicable, positive_int
 from fanformer.errors import FANformerError
+from fanformer.quant.config import GPTQ_GRID
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -70,7 +71,9 @@ def format_quant_report(report: dict) -> str:
     for name, layer in layers.items():
         lines.append(f"{name:<{width}}  {'x'.join(map(str, layer['shape'])):>12}  {layer['error']:>12.4g}")
     config = report["config"]
-    if "bits" in config:
+    if config.get("grid", GPTQ_GRID) != GPTQ_GRID:
+        setting = f"llama.cpp's {config['grid'].upper()} mixture, Q4_K's grid"
+    elif "bits" in config:
         setting = f"{config['bits']}-bit, group size {config['group_size']}, {'sym' if config['sym'] else 'asym'}"
     else:  # bitsandbytes: its own few options
         setting = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in config.items()

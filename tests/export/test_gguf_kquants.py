@@ -6,6 +6,9 @@ the importance statistics recomputed by hand."""
 
 import ctypes
 import logging
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +85,36 @@ def test_every_mixture_is_llama_cpps_own_bytes(llama, kind, tmp_path):
     params.nthread = 1
     theirs = tmp_path / "theirs.gguf"
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    a, b = file_tensors(ours), file_tensors(theirs)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
+def llama_cpp_tool(name: str) -> str | None:
+    """A llama.cpp program (llama-quantize, ...) on PATH or in $LLAMA_CPP_BIN, or None."""
+    return shutil.which(name, path=os.pathsep.join(filter(None, (os.environ.get("LLAMA_CPP_BIN"),
+                                                                   os.environ.get("PATH")))))
+
+
+@pytest.mark.skipif(llama_cpp_tool("llama-quantize") is None,
+                    reason="llama.cpp's llama-quantize is not installed (on PATH or in $LLAMA_CPP_BIN)")
+@pytest.mark.parametrize("kind", ["q4_k_m", "q3_k_m", "iq4_xs", "q4_0"])
+def test_llama_quantize_with_our_imatrix_writes_our_bytes(llama, corpus, kind, tmp_path):
+    """`llama-quantize --imatrix` given our importance matrix file writes, from our f32 file,
+    the very bytes our export writes with it: the file is llama.cpp's format, and the same
+    matrix weighs the same rounding (the legacy q4_0 with llama.cpp's first-ffn_down guard)."""
+    from fanformer.export.gguf_imatrix import make_imatrix
+
+    imatrix, _, _ = make_imatrix(llama, tmp_path / "m.imatrix.gguf", [str(corpus)], chunks=4, ctx=64,
+                                 progress=False)
+    f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
+    ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama", imatrix=imatrix)
+    theirs = tmp_path / "theirs.gguf"
+    run = subprocess.run([llama_cpp_tool("llama-quantize"), "--imatrix", str(imatrix), str(f32), str(theirs),
+                          kind.upper(), "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
     a, b = file_tensors(ours), file_tensors(theirs)
     assert set(a) == set(b)
     for name in a:
@@ -403,7 +436,6 @@ def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, 
 
     # A damaged quantization_config is one clear error, before anything is allocated.
     import json
-    import shutil
 
     def damaged(edit) -> Path:
         copy = tmp_path / f"damaged-{len(list(tmp_path.glob('damaged-*')))}"
