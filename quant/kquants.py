@@ -13,6 +13,10 @@ multiple of the type's block falls back as llama.cpp's `tensor_type_fallback` do
 The legacy types (q4_0 ... q8_0) are quantized here too when an importance matrix is
 given (ggml then minimises the imatrix-weighted error); without one, gguf-py's reference
 quantizer writes the same bytes as ggml's.
+
+The mixtures key on llama.cpp's tensor names, so FANformer's GGUF tensor names live here
+too (`gguf_tensor_name`; export/gguf_format.py re-exports them): the GGUF export and the
+K-grid GPTQ checkpoint (quant/gptq_k.py) both place tensors by them.
 """
 
 from __future__ import annotations
