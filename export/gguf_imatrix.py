@@ -1,9 +1,11 @@
 """llama.cpp's importance-matrix file (`llama-imatrix -o F.gguf`, read by
 `llama-quantize --imatrix F.gguf`): a GGUF with `general.type = "imatrix"`, the keys
 `imatrix.datasets` / `imatrix.chunk_count` / `imatrix.chunk_size`, and for every weight W
-two F32 tensors, `W.in_sum2` (ne = [columns, 1]: the sum over tokens of each input
-column's x^2) and `W.counts` (ne = [1, 1]: the tokens summed). Names are the model file's
-tensor names (export/gguf_format.py), so the file applies to the GGUF of the same model.
+two F32 tensors, `W.in_sum2` (ne = [columns]: the sum over tokens of each input column's
+x^2) and `W.counts` (ne = [1]: the tokens summed), as llama-imatrix writes them for a
+dense model (ggml drops the expert dimension of 1; [columns, 1] and [1, 1] are read too).
+Names are the model file's tensor names (export/gguf_format.py), so the file applies to
+the GGUF of the same model.
 
 The statistics come from quant/imatrix.py; gguf-py writes and reads the file. Reading
 checks every entry (names, shapes, dtypes, finite non-negative sums, positive counts)
@@ -93,8 +95,8 @@ def write_imatrix(out: Path, entries: dict[str, tuple[np.ndarray, int]], dataset
             writer.add_uint32(CHUNK_COUNT, chunk_count)
             writer.add_uint32(CHUNK_SIZE, chunk_size)
             for name, (sum_x2, count) in entries.items():
-                writer.add_tensor(name + SUM2, np.asarray(sum_x2, dtype=np.float32)[None, :])  # ne = [cols, 1]
-                writer.add_tensor(name + COUNTS, np.array([[count]], dtype=np.float32))  # ne = [1, 1]
+                writer.add_tensor(name + SUM2, np.asarray(sum_x2, dtype=np.float32))  # ne = [cols]
+                writer.add_tensor(name + COUNTS, np.array([count], dtype=np.float32))  # ne = [1]
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -128,13 +130,14 @@ def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
         sums_array, counts_array = np.asarray(sums.data), np.asarray(counts.data)
         if sums_array.dtype != np.float32 or counts_array.dtype != np.float32:
             raise FANformerError(f"{path}: {name}'s statistics must be F32")
-        if sums_array.ndim != 2 or sums_array.shape[0] != 1 or counts_array.size != 1:
+        if not (sums_array.ndim == 1 or (sums_array.ndim == 2 and sums_array.shape[0] == 1)) \
+                or counts_array.size != 1:
             raise FANformerError(f"{path}: {name} holds per-expert statistics {tuple(sums_array.shape)}; "
                                  "this model has no experts")
         count = float(counts_array.reshape(-1)[0])
         if not np.isfinite(count) or count <= 0 or not np.all(np.isfinite(sums_array)) or np.any(sums_array < 0):
             raise FANformerError(f"{path}: {name} has invalid statistics (non-finite, negative, or no tokens)")
-        means[name] = (sums_array[0] / count).astype(np.float32)
+        means[name] = (sums_array.reshape(-1) / count).astype(np.float32)
     if not means:
         raise FANformerError(f"{path} holds no {SUM2} entries")
     return means

@@ -5,6 +5,7 @@ installed), gguf-py's dequantizers, the GGUF backend's two engines against each 
 the importance statistics recomputed by hand."""
 
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -104,7 +105,8 @@ def llama_cpp_tool(name: str) -> str | None:
 def test_llama_quantize_with_our_imatrix_writes_our_bytes(llama, corpus, kind, tmp_path):
     """`llama-quantize --imatrix` given our importance matrix file writes, from our f32 file,
     the very bytes our export writes with it: the file is llama.cpp's format, and the same
-    matrix weighs the same rounding (the legacy q4_0 with llama.cpp's first-ffn_down guard)."""
+    matrix weighs the same rounding (the legacy q4_0 with llama.cpp's first-ffn_down guard;
+    our legacy files keep the output in the file's type, llama.cpp's --output-tensor-type)."""
     from fanformer.export.gguf_imatrix import make_imatrix
 
     imatrix, _, _ = make_imatrix(llama, tmp_path / "m.imatrix.gguf", [str(corpus)], chunks=4, ctx=64,
@@ -112,8 +114,9 @@ def test_llama_quantize_with_our_imatrix_writes_our_bytes(llama, corpus, kind, t
     f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
     ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama", imatrix=imatrix)
     theirs = tmp_path / "theirs.gguf"
-    run = subprocess.run([llama_cpp_tool("llama-quantize"), "--imatrix", str(imatrix), str(f32), str(theirs),
-                          kind.upper(), "1"], capture_output=True, text=True)
+    legacy = ["--output-tensor-type", kind] if kind in names.LEGACY_TYPES else []
+    run = subprocess.run([llama_cpp_tool("llama-quantize"), *legacy, "--imatrix", str(imatrix), str(f32),
+                          str(theirs), kind.upper(), "1"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = file_tensors(ours), file_tensors(theirs)
     assert set(a) == set(b)
@@ -241,8 +244,8 @@ def test_imatrix_file_is_llama_cpps_format(importance, tmp_path):
     assert reader.fields["imatrix.chunk_size"].contents() == windows.shape[1]
     tensors = file_tensors(path)
     sums = tensors["blk.0.fan.weight.in_sum2"]
-    assert sums.tensor_type == T.F32 and [int(n) for n in sums.shape] == [256, 1]  # ne = [columns, 1]
-    assert [int(n) for n in tensors["blk.0.fan.weight.counts"].shape] == [1, 1]
+    assert sums.tensor_type == T.F32 and [int(n) for n in sums.shape] == [256]  # ne = [columns], as llama-imatrix
+    assert [int(n) for n in tensors["blk.0.fan.weight.counts"].shape] == [1]
     means = read_imatrix(path)
     entry = stats["blocks.0.attn.fan.proj.weight"]
     np.testing.assert_allclose(means["blk.0.fan.weight"], entry.sum_x2 / entry.count, rtol=1e-6)
@@ -436,8 +439,6 @@ def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, 
               "bits 8 do not apply")
 
     # A damaged quantization_config is one clear error, before anything is allocated.
-    import json
-
     def damaged(edit) -> Path:
         copy = tmp_path / f"damaged-{len(list(tmp_path.glob('damaged-*')))}"
         shutil.copytree(ckpt, copy)
@@ -452,3 +453,28 @@ def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, 
                            (lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": "q6_k"}), "shape")):
         cli_fails(["generate", damaged(edit), "--prompt", "x", "--max-new-tokens", "1"], fragment)
 
+
+
+@pytest.mark.skipif(llama_cpp_tool("llama-imatrix") is None or llama_cpp_tool("llama-quantize") is None,
+                    reason="llama.cpp's llama-imatrix / llama-quantize are not installed (PATH or $LLAMA_CPP_BIN)")
+def test_llama_imatrix_files_are_read_as_llama_quantize_reads_them(llama, corpus, tmp_path):
+    """An importance matrix written by llama.cpp's own llama-imatrix, given to our export and
+    to llama-quantize, gives the same Q4_K_M bytes."""
+    f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
+    text = tmp_path / "calibration.txt"
+    text.write_text("".join(json.loads(line)["text"] for line in (corpus / "code.jsonl").read_text().splitlines()))
+    theirs_imatrix = tmp_path / "llama.imatrix.gguf"
+    run = subprocess.run([llama_cpp_tool("llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "64",
+                          "--chunks", "4", "-t", "1", "-o", str(theirs_imatrix)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_imatrix(theirs_imatrix)  # its names and shapes pass our checks
+    ours = export_gguf(llama, tmp_path / "ours.gguf", type="q4_k_m", arch="llama", imatrix=theirs_imatrix)
+    theirs = tmp_path / "theirs.gguf"
+    run = subprocess.run([llama_cpp_tool("llama-quantize"), "--imatrix", str(theirs_imatrix), str(f32), str(theirs),
+                          "Q4_K_M", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = file_tensors(ours), file_tensors(theirs)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
