@@ -10,7 +10,9 @@ against that f32 file's logits on held-out text of the corpus (the test split):
     llama.cpp TYPE + its imatrix  llama-imatrix on the calibration text, then llama-quantize
 
 The first three answer "does our Q4_K_M with the same importance matrix drift no more than
-llama.cpp's own?"; the last compares our importance statistics with llama-imatrix's.
+llama.cpp's own?"; the last compares our importance statistics with llama-imatrix's. Our
+legacy types (q4_0, ...) keep the output tensor in the file's type, which llama-quantize
+does with `--output-tensor-type`; its default (output in Q6_K) gets a row of its own.
 llama.cpp's programs are looked up on PATH or in --llama-cpp-bin (built from llama.cpp's
 source, e.g. the copy vendored in llama-cpp-python's sdist:
 `cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize
@@ -34,6 +36,7 @@ from pathlib import Path
 from fanformer.data import default_corpus_files, iter_documents, split_of
 from fanformer.errors import FANformerError
 from fanformer.export.gguf_export import export_gguf
+from fanformer.export.gguf_format import LEGACY_TYPES
 from fanformer.export.gguf_imatrix import make_imatrix
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
@@ -67,14 +70,17 @@ def run(command: list[str]) -> str:
 
 
 def kl_divergence(perplexity: str, model: Path, text: Path, base: Path, ctx: int, threads: int) -> dict:
-    """llama-perplexity's mean KL divergence and same-top-token share against `base`'s logits."""
-    out = run([perplexity, "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads), "-b", str(ctx),
-               "--kl-divergence-base", str(base), "--kl-divergence"])
-    kld = re.search(r"Mean\s+KLD:\s+([-0-9.e]+)\s+±\s+([-0-9.e]+)", out)
-    top = re.search(r"Same top p:\s+([0-9.]+)\s+±\s+([0-9.]+)", out)
-    if not (kld and top):
-        raise FANformerError(f"could not read llama-perplexity's KL divergence output:\n{out[-1500:]}")
-    return {"kl": float(kld.group(1)), "kl_err": float(kld.group(2)), "top1": float(top.group(1))}
+    """llama-perplexity's mean KL divergence and same-top-token share against `base`'s logits.
+    llama.cpp's logger prints from a thread of its own, and on a busy machine the last lines
+    (the summary) are now and then lost at exit with status 0: such a run is repeated."""
+    for _ in range(3):
+        out = run([perplexity, "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads), "-b", str(ctx),
+                   "--kl-divergence-base", str(base), "--kl-divergence"])
+        kld = re.search(r"Mean\s+KLD:\s+([-0-9.e]+)\s+±\s+([-0-9.e]+)", out)
+        top = re.search(r"Same top p:\s+([0-9.]+)\s+±\s+([0-9.]+)", out)
+        if kld and top:
+            return {"kl": float(kld.group(1)), "kl_err": float(kld.group(2)), "top1": float(top.group(1))}
+    raise FANformerError(f"could not read llama-perplexity's KL divergence output:\n{out[-1500:]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +119,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"ours {kind} + our imatrix": export_gguf(args.checkpoint, work / f"ours-{kind}-imatrix.gguf",
                                                           type=kind, arch="llama", imatrix=ours_imatrix, force=True),
             }
-            for label, matrix in (("our imatrix", ours_imatrix), ("its imatrix", theirs_imatrix)):
-                out = work / f"llama-{kind}-{label.split()[0]}.gguf"
-                run([quantize, "--imatrix", str(matrix), str(f32), str(out), kind.upper(), str(args.threads)])
+            # Our legacy types keep the output in the file's type (llama-quantize --output-tensor-type);
+            # llama.cpp's default mixture puts it in Q6_K: the last row shows what that buys.
+            legacy = ["--output-tensor-type", kind] if kind in LEGACY_TYPES else []
+            runs = [("our imatrix", ours_imatrix, legacy), ("its imatrix", theirs_imatrix, legacy)]
+            if legacy:
+                runs.append(("its imatrix, its default mixture (output Q6_K)", theirs_imatrix, []))
+            for i, (label, matrix, extra) in enumerate(runs):
+                out = work / f"llama-{kind}-{i}.gguf"
+                run([quantize, *extra, "--imatrix", str(matrix), str(f32), str(out), kind.upper(), str(args.threads)])
                 files[f"llama.cpp {kind} + {label}"] = out
             for label, path in files.items():
                 rows.append((label, path.stat().st_size / 1e6, kl_divergence(perplexity, path, test, base, ctx,
