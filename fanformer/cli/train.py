@@ -13,7 +13,8 @@ from fanformer.errors import FANformerError
 QUICKSTART_OUT = "runs/quickstart"
 # How long `fanformer quickstart` takes, as measured (README's first command, fresh venv): the one
 # statement of it, which --help prints and the README quotes (tests/test_readme.py checks they agree).
-QUICKSTART_TIME = "about 16 minutes on 2 busy CPU cores, install included (measured 2026-12-04)"
+QUICKSTART_TIME = ("about 7 minutes on 2 idle CPU cores, install included (measured 2026-12-05, pip's "
+                   "cache warm; about 16 with the test suite running beside it)")
 # Small enough to train in a few minutes on 2 CPU cores, big enough to write Python-looking text.
 QUICKSTART_MODEL = dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
                         ffn_dim=384, max_seq_len=256)
