@@ -70,7 +70,8 @@ def method_config(name: str, **options) -> QuantConfig:
 
 def is_quantized(model: nn.Module) -> bool:
     bnb = sys.modules.get("fanformer.quant.bnb")  # imported with the first bitsandbytes layer, and only then
-    return any(isinstance(m, (QuantLinear, GGMLLinear)) or (bnb is not None and bnb.is_bnb_linear(m)) for m in model.modules())
+    return any(isinstance(m, (QuantLinear, GGMLLinear)) or (bnb is not None and bnb.is_bnb_linear(m))
+               for m in model.modules())
 
 
 def check_layers(layers: dict[str, nn.Linear], config: WeightOnlyConfig) -> None:

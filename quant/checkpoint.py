@@ -129,7 +129,8 @@ GGML_TYPES = {t.name.lower(): t for t in (GGMLQuantizationType.Q4_K, GGMLQuantiz
 
 def load_ggml_model(path: Path, qconfig: dict, config, device: str | torch.device) -> FANformer:
     """A K-grid GPTQ checkpoint: `GGMLLinear`s where tensor_types names a layer, each checked
-    (name, type, and through load_state the blocks' shape) before anything is read."""
+    (name, type, and through load_state the blocks' shape) before anything is read, then
+    dequantized once and checked finite."""
     grid, types = qconfig.get("grid"), qconfig.get("tensor_types")
     if grid not in K_GRIDS or not isinstance(types, dict) or not types:
         raise FANformerError(f"{path}: {QUANTIZATION_KEY} of a ggml checkpoint needs a grid ({', '.join(K_GRIDS)}) "
@@ -143,7 +144,7 @@ def load_ggml_model(path: Path, qconfig: dict, config, device: str | torch.devic
         raise FANformerError(f"{path}: {QUANTIZATION_KEY}.tensor_types names {len(types)} layers, "
                              f"{WEIGHTS_FILE} holds blocks for {len(stored)}; the checkpoint is damaged")
     for name, type_name in types.items():
-        if type_name not in GGML_TYPES:
+        if not isinstance(type_name, str) or type_name not in GGML_TYPES:
             raise FANformerError(f"{path}: {name} has ggml type {type_name!r}; a {grid} checkpoint holds "
                                  f"{', '.join(GGML_TYPES)}")
         layer = stored_linear(model, name, path / WEIGHTS_FILE, f"{name}.qblocks")
@@ -153,7 +154,15 @@ def load_ggml_model(path: Path, qconfig: dict, config, device: str | torch.devic
         except FANformerError as e:
             raise FANformerError(f"{path}: {name}: {e}; the checkpoint is damaged") from None
         set_module(model, name, module)
-    return load_state(model, state, path, device)
+    model = load_state(model, state, path, device)
+    for name in types:  # the blocks' fp16 scales can hold NaN/inf: name the layer now, not at generation
+        module = model.get_submodule(name)
+        weight = module.dequantized_weight()
+        if not torch.isfinite(weight).all():
+            raise FANformerError(f"{path / WEIGHTS_FILE}: {name}.qblocks dequantize to non-finite weights "
+                                 "(damaged block scales); the checkpoint is damaged")
+        module._weight = weight.to(module.qblocks.device)  # what the first forward would make
+    return model
 
 
 def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> FANformer:

@@ -450,8 +450,20 @@ def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, 
     for edit, fragment in ((lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": "q2_k"}), "ggml type 'q2_k'"),
                            (lambda q: q["tensor_types"].pop("lm_head"), "names 64 layers"),
                            (lambda q: q.update(grid="q9_k"), "needs a grid"),
-                           (lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": "q6_k"}), "shape")):
+                           (lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": "q6_k"}), "shape"),
+                           (lambda q: q["tensor_types"].update({"blocks.0.attn.q_proj": ["q4_k"]}), "ggml type")):
         cli_fails(["generate", damaged(edit), "--prompt", "x", "--max-new-tokens", "1"], fragment)
+    # A Q4_K super-block's fp16 scale d set to inf: named at load.
+    from safetensors.torch import load_file, save_file
+
+    copy = damaged(lambda q: None)
+    state = load_file(copy / "model.safetensors")
+    blocks = state["blocks.0.ffn.up_proj.qblocks"].clone()
+    blocks[0, 0:2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # fp16 +inf, little-endian
+    state["blocks.0.ffn.up_proj.qblocks"] = blocks
+    save_file(state, copy / "model.safetensors")
+    cli_fails(["generate", copy, "--prompt", "x", "--max-new-tokens", "1"], "blocks.0.ffn.up_proj.qblocks",
+              "non-finite")
 
 
 
