@@ -20,6 +20,7 @@ NORM_SCHEMES = ("pre", "hybrid")
 FAN_ACTIVATIONS = ("identity", "gelu")
 HEADS = ("linear", "fourier")
 MIXERS = ("attention", "fftnet")
+MAX_ROPE_THETA = 1e12  # RoPE bases in use are 1e4 to a few 1e6; far above that a config.json is damaged
 
 
 def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -92,8 +93,12 @@ class FANformerConfig:
             yield "tie_embeddings cannot be combined with a CoLA LM head"
         if not 0.0 <= self.dropout < 1.0:
             yield f"dropout must be in [0, 1), got {self.dropout}"
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            yield "rope_theta and norm_eps must be positive"
+        # Bounded, not only positive: an integer of 30 digits in a damaged config.json passes
+        # "positive" and then overflows torch's float maths.
+        if not 0 < self.rope_theta <= MAX_ROPE_THETA:
+            yield f"rope_theta must be in (0, {MAX_ROPE_THETA:g}], got {self.rope_theta!r}"
+        if not 0 < self.norm_eps < 1:
+            yield f"norm_eps must be in (0, 1), got {self.norm_eps!r}"
         if self.head not in HEADS:
             yield f"head must be one of {HEADS}, got {self.head!r}"
         if self.mixer not in MIXERS:

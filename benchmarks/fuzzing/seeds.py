@@ -35,19 +35,22 @@ KINDS = {k.name: k for k in [
     Kind("model.onnx", "onnx", "model.onnx"),
     Kind("genai_config.json", "onnx", "genai_config.json", ("--format", "genai")),
     Kind("quant_report.json", "gptq", "quant_report.json"),
+    Kind("safetensors-ggml", "ggml", "model.safetensors"),
+    Kind("config.json-ggml", "ggml", "config.json"),
 ]}
 TEXTS = ["def add(a, b):\n    return a + b\n", "Fourier features: cos, sin, période π ≈ 3.14 🙂\n"] * 20
 
 
 def build_seeds(root: Path) -> Path:
     """Write the seed folders under `root` (skipped where already there); returns root."""
-    from fanformer.checkpoint import save_checkpoint
+    from fanformer.checkpoint import load_model, save_checkpoint
     from fanformer.config import FANformerConfig
     from fanformer.export import export
     from fanformer.model import FANformer
-    from fanformer.quant.checkpoint import quantize_checkpoint
-    from fanformer.quant.config import BnbInt8Config, BnbNF4Config, RTNConfig
-    from fanformer.tokenizer import train_tokenizer
+    from fanformer.quant import quantize
+    from fanformer.quant.checkpoint import quantize_checkpoint, save_quantized
+    from fanformer.quant.config import BnbInt8Config, BnbNF4Config, GPTQConfig, RTNConfig
+    from fanformer.tokenizer import load_tokenizer, train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     float_dir = root / "float"
@@ -62,6 +65,12 @@ def build_seeds(root: Path) -> Path:
         quantize_checkpoint(float_dir, BnbNF4Config(), root / "nf4", progress=False)
     if not (root / "int8").is_dir():  # LLM.int8(): int8 rows and their SCB scales
         quantize_checkpoint(float_dir, BnbInt8Config(), root / "int8", progress=False)
+    if not (root / "ggml").is_dir():  # GPTQ on Q4_K's grid: llama.cpp blocks (rows of 64 fall back to Q5_0)
+        model = load_model(float_dir)
+        config = GPTQConfig(grid="q4_k_m", calib_samples=4)
+        windows = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        report = quantize(model, config, windows, progress=False)
+        save_quantized(root / "ggml", model, load_tokenizer(float_dir), config, report)
     if not (root / "gguf").is_dir():
         (root / "gguf").mkdir()
         export(float_dir, "gguf", root / "gguf" / "model.gguf", type="q8_0")

@@ -47,6 +47,9 @@ def test_cola_rank_is_a_fraction_of_input_width():
     (dict(cola_lm_head=True), "cola_lm_head needs cola_rank"),
     (dict(tie_embeddings=True, cola_rank=0.25, cola_lm_head=True), "tie_embeddings"),
     (dict(dropout=1.0), "dropout"),
+    (dict(rope_theta=10**30), "rope_theta must be in (0, 1e+12]"),  # a damaged config.json's (found by fuzzing)
+    (dict(norm_eps=10**30), "norm_eps must be in (0, 1)"),
+    (dict(norm_eps=0.0), "norm_eps must be in (0, 1)"),
 ])
 def test_invalid_values_raise_one_clear_error(bad, needle):
     with pytest.raises(FANformerError, match="invalid model config") as err:
