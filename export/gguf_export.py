@@ -257,6 +257,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
         precomputed = {names.gguf_tensor_name(f"{name}.weight"): (layer.qtype, layer.qblocks.numpy())
                        for name, layer in model.named_modules() if isinstance(layer, GGMLLinear)}
         log.info("carrying %d tensors of llama.cpp blocks (%s) from %s", len(precomputed), type, checkpoint)
+        if asked in names.FLOAT_TYPES:
+            log.warning("%s holds %s blocks: they are written as they are, not as --type %s (export the float "
+                        "checkpoint for that)", checkpoint, type, asked)
         qconfig = None
     if qconfig is not None:
         from fanformer.export import gguf_carry

@@ -130,7 +130,8 @@ class GPTQConfig(CalibratedConfig):
             fixed += ["act_order"] if self.act_order else []
             if fixed:
                 yield (f"grid {self.grid} fixes the grid (Q4_K: 4-bit codes, 6-bit scales and mins per 32 columns "
-                       f"under fp16 scales per 256), so {', '.join(fixed)} do not apply")
+                       f"under fp16 scales per 256), so {', '.join(fixed)} {'does' if len(fixed) == 1 else 'do'} "
+                       "not apply")
         if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize <= 0:
             yield f"blocksize must be a positive integer, got {self.blocksize!r}"
         if not 0 < self.percdamp < 1:
