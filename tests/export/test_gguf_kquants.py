@@ -436,7 +436,7 @@ def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, 
     cli_fails(["export", ckpt, "--format", "onnx", "--out", tmp_path / "onnx"], "llama.cpp blocks",
               "--format gguf")
     cli_fails(["quantize", fan, "--method", "gptq", "--grid", "q4_k_m", "--bits", "8", "--out", tmp_path / "x"],
-              "bits 8 do not apply")
+              "bits 8 does not apply")
 
     # A damaged quantization_config is one clear error, before anything is allocated.
     def damaged(edit) -> Path:
