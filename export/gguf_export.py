@@ -184,14 +184,17 @@ def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
 
 def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None,
                 arch: str = names.ARCH, imatrix: str | Path | None = None, gptq: bool = False,
-                calib_data: list[str] | None = None, calib_samples: int = names.GPTQ_CALIB_SAMPLES, force: bool = False,
+                calib_data: list[str] | None = None, calib_samples: int = names.GPTQ_CALIB_SAMPLES,
+                output_tensor_type: str | None = None, token_embedding_type: str | None = None, force: bool = False,
                 progress: bool = True) -> Path:
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
     gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
     importance matrix file `imatrix` if given, or with `gptq` (quant/gptq_k.py) on
     `calib_samples` windows of `calib_data`, or else with the importance matrix measured on
     those windows when `calib_data` is given. `type` None: the default (f16), or the type a
-    quantized checkpoint is carried into."""
+    quantized checkpoint is carried into. `output_tensor_type` / `token_embedding_type` set
+    those two tensors' types, as llama-quantize's flags of the same names (then its
+    row-length fallback applies)."""
     checkpoint, out = Path(checkpoint), Path(out)
     asked, type = type, type or names.DEFAULT_WEIGHT_TYPE
     if type not in names.WEIGHT_TYPES:
@@ -327,7 +330,13 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
                 array = llama_permute(array, config.n_heads)
             elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
                 array = llama_permute(array, config.n_kv_heads)
-            if mixture and array.ndim >= 2:
+            chosen = {"output.weight": output_tensor_type, "token_embd.weight": token_embedding_type}.get(name)
+            if chosen is not None and array.ndim >= 2:
+                wanted = GGMLQuantizationType[chosen.upper()]
+                qtype = kquants.fallback_type(wanted, array.shape[-1])
+                if qtype != wanted:
+                    fell_back.append(f"{name} ({chosen} -> {qtype.name.lower()})")
+            elif mixture and array.ndim >= 2:
                 wanted = kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
                                                    config.tie_embeddings, bool(importance))
                 qtype = kquants.fallback_type(wanted, array.shape[-1])

@@ -107,6 +107,9 @@ WEIGHT_TYPES = {
     "iq4_xs": (GGMLQuantizationType.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
 }
 LEGACY_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # one type for every 2-D weight
+# What --output-tensor-type / --token-embedding-type take: single tensor types, llama-quantize's names.
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_xs",
+                "iq4_nl", "q3_k", "q2_k")
 FLOAT_TYPES = ("f32", "f16", "bf16")  # nothing to quantize: --imatrix and --gptq do not apply
 GPTQ_CALIB_SAMPLES = 128  # --gptq's calibration windows, GPTQConfig's default
 IMATRIX_CTX = 512  # tokens per window of an importance matrix (llama-imatrix's default -c), capped at the context
@@ -170,6 +173,12 @@ class GGUFOptions:
                                            "(default: the Python standard library), or, without --gptq, gives an "
                                            "importance matrix measured here (repeatable)")
     calib_samples: int = knob(GPTQ_CALIB_SAMPLES, "calibration windows of --gptq / --calib-data")
+    output_tensor_type: str | None = knob(None, "type of output.weight (the LM head), as llama-quantize's "
+                                                "--output-tensor-type; default: what --type's mixture says",
+                                          choices=TENSOR_TYPES)
+    token_embedding_type: str | None = knob(None, "type of token_embd.weight, as llama-quantize's "
+                                                  "--token-embedding-type; default: what --type's mixture says",
+                                            choices=TENSOR_TYPES)
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in WEIGHT_TYPES:
@@ -189,6 +198,10 @@ class GGUFOptions:
                                  f"--type {self.type or DEFAULT_WEIGHT_TYPE}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise FANformerError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
+        for flag, value in (("--output-tensor-type", self.output_tensor_type),
+                            ("--token-embedding-type", self.token_embedding_type)):
+            if value is not None and value not in TENSOR_TYPES:
+                raise FANformerError(f"unsupported {flag} {value!r}; choose one of {', '.join(TENSOR_TYPES)}")
         if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
             raise FANformerError(f"--imatrix only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
 
@@ -215,7 +228,8 @@ def write(checkpoint: Path, out: Path, options: GGUFOptions, force: bool, valida
     # No check runs here (`validate` is not called): the GGUF tests and the drift table run the file.
     return export_gguf(checkpoint, out, type=options.type, arch=options.arch,
                        imatrix=options.imatrix, gptq=options.gptq, calib_data=list(options.calib_data) or None,
-                       calib_samples=options.calib_samples, force=force)
+                       calib_samples=options.calib_samples, output_tensor_type=options.output_tensor_type,
+                       token_embedding_type=options.token_embedding_type, force=force)
 
 
 register(ExportFormat("gguf", "one file for llama.cpp-style runtimes", GGUFOptions, default_output, write))

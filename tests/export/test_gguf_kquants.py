@@ -490,3 +490,50 @@ def test_llama_imatrix_files_are_read_as_llama_quantize_reads_them(llama, corpus
     for name in a:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
+def test_output_and_token_embedding_types_override_the_mixture(fan, tmp_path):
+    """--output-tensor-type / --token-embedding-type set those two tensors' types (as
+    llama-quantize's flags do) and leave every other tensor's bytes as the mixture wrote them."""
+    from fanformer.cli import main
+
+    plain = file_tensors(export_gguf(fan, tmp_path / "plain.gguf", type="q4_k_m"))
+    out = tmp_path / "chosen.gguf"
+    assert main(["export", fan, "--format", "gguf", "--type", "q4_k_m", "--output-tensor-type", "q8_0",
+                 "--token-embedding-type", "q6_k", "--out", out]) == 0
+    chosen = file_tensors(out)
+    assert chosen["output.weight"].tensor_type == T.Q8_0 and plain["output.weight"].tensor_type == T.Q6_K
+    assert chosen["token_embd.weight"].tensor_type == T.Q6_K and plain["token_embd.weight"].tensor_type == T.Q4_K
+    for name, t in plain.items():
+        if name not in ("output.weight", "token_embd.weight"):
+            np.testing.assert_array_equal(np.asarray(chosen[name].data), np.asarray(t.data), err_msg=name)
+    model = load_backend(fan, format="pytorch").model
+    w = model.embed.weight.detach().numpy()
+    got = dequantize(np.asarray(chosen["token_embd.weight"].data), T.Q6_K).reshape(w.shape)
+    assert np.sqrt(np.mean((got - w) ** 2) / np.mean(w ** 2)) < RMS_BOUND[T.Q6_K]
+    with pytest.raises(SystemExit) as exited:  # argparse's own one-line error for a choice it does not offer
+        main(["export", str(fan), "--format", "gguf", "--type", "q4_k_m", "--output-tensor-type", "q7_k",
+              "--out", str(tmp_path / "x.gguf")])
+    assert exited.value.code == 2
+
+
+@pytest.mark.skipif(llama_cpp_tool("llama-quantize") is None,
+                    reason="llama.cpp's llama-quantize is not installed (on PATH or in $LLAMA_CPP_BIN)")
+@pytest.mark.parametrize("kind,flags", [("q4_k_m", {"output_tensor_type": "q8_0", "token_embedding_type": "q6_k"}),
+                                        ("q4_0", {"output_tensor_type": "q6_k"})])
+def test_tensor_type_flags_are_llama_quantizes(llama, kind, flags, tmp_path):
+    """Our flags write what llama-quantize's flags of the same names write; q4_0 with the
+    output in Q6_K is llama-quantize's own default Q4_0 (no flag there)."""
+    f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
+    ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama", **flags)
+    theirs = tmp_path / "theirs.gguf"
+    argv = [] if kind == "q4_0" else [f"--{k.replace('_', '-')}" if i % 2 == 0 else v
+                                      for k, v in flags.items() for i in (0, 1)]
+    run = subprocess.run([llama_cpp_tool("llama-quantize"), *argv, str(f32), str(theirs), kind.upper(), "1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = file_tensors(ours), file_tensors(theirs)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
