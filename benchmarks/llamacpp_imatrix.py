@@ -10,9 +10,8 @@ against that f32 file's logits on held-out text of the corpus (the test split):
     llama.cpp TYPE + its imatrix  llama-imatrix on the calibration text, then llama-quantize
 
 The first three answer "does our Q4_K_M with the same importance matrix drift no more than
-llama.cpp's own?"; the last compares our importance statistics with llama-imatrix's. Our
-legacy types (q4_0, ...) keep the output tensor in the file's type, which llama-quantize
-does with `--output-tensor-type`; its default (output in Q6_K) gets a row of its own.
+llama.cpp's own?"; the last compares our importance statistics with llama-imatrix's. Every
+type is llama-quantize's own mixture (the legacy q4_0 ... with the output tensor in Q6_K).
 llama.cpp's programs are looked up on PATH or in --llama-cpp-bin (built from llama.cpp's
 source, e.g. the copy vendored in llama-cpp-python's sdist:
 `cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize
@@ -36,7 +35,6 @@ from pathlib import Path
 from fanformer.data import default_corpus_files, iter_documents, split_of
 from fanformer.errors import FANformerError
 from fanformer.export.gguf_export import export_gguf
-from fanformer.export.gguf_format import LEGACY_TYPES
 from fanformer.export.gguf_imatrix import make_imatrix
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
@@ -119,15 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"ours {kind} + our imatrix": export_gguf(args.checkpoint, work / f"ours-{kind}-imatrix.gguf",
                                                           type=kind, arch="llama", imatrix=ours_imatrix, force=True),
             }
-            # Our legacy types keep the output in the file's type (llama-quantize --output-tensor-type);
-            # llama.cpp's default mixture puts it in Q6_K: the last row shows what that buys.
-            legacy = ["--output-tensor-type", kind] if kind in LEGACY_TYPES else []
-            runs = [("our imatrix", ours_imatrix, legacy), ("its imatrix", theirs_imatrix, legacy)]
-            if legacy:
-                runs.append(("its imatrix, its default mixture (output Q6_K)", theirs_imatrix, []))
-            for i, (label, matrix, extra) in enumerate(runs):
-                out = work / f"llama-{kind}-{i}.gguf"
-                run([quantize, *extra, "--imatrix", str(matrix), str(f32), str(out), kind.upper(), str(args.threads)])
+            for label, matrix in (("our imatrix", ours_imatrix), ("its imatrix", theirs_imatrix)):
+                out = work / f"llama-{kind}-{label.split()[0]}.gguf"
+                run([quantize, "--imatrix", str(matrix), str(f32), str(out), kind.upper(), str(args.threads)])
                 files[f"llama.cpp {kind} + {label}"] = out
             for label, path in files.items():
                 rows.append((label, path.stat().st_size / 1e6, kl_divergence(perplexity, path, test, base, ctx,

@@ -21,16 +21,17 @@ Two architectures:
   where this project is tested, so that is checked by structure (names, keys, the
   permutation inverted in tests/export/test_gguf_export.py), not by running it.
 
-Tensor types follow llama.cpp's converter: every 1-D tensor (norms, biases, residual
-gates) is F32; 2-D weights take the requested type, except that a q* type needs rows
-(ne[0] = in_features) in whole blocks of 32, and a tensor whose rows are not falls
-back to F16 (the fallback llama.cpp's convert_hf_to_gguf.py and llama-quantize use;
-all five q* types share the block size 32, so no other q* type would fit). The export
+Tensor types follow llama.cpp: every 1-D tensor (norms, biases, residual gates) is F32;
+2-D weights take the requested type as llama-quantize places it: its mixture (the LM
+head in Q6_K for every quantized type but q8_0; more for the K-quant _S/_M/_L variants,
+quant/kquants.py), or the one type everywhere with `pure` (llama-quantize --pure). A q*
+type needs rows (ne[0] = in_features) in whole blocks of 32, and a tensor whose rows are
+not falls back to F16 (all five q* types share the block size 32, so no other q* type
+would fit); K-quants fall back as llama.cpp's tensor_type_fallback does. The export
 logs which tensors fell back.
 
-K-quant and 4-bit i-quant types (q2_k ... q6_k, iq4_nl, iq4_xs) are llama.cpp's
-mixtures, quantized by ggml's own code (quant/kquants.py), with llama.cpp's
-fallbacks for rows that are not whole super-blocks of 256. With an importance matrix
+K-quant and 4-bit i-quant types (q2_k ... q6_k, iq4_nl, iq4_xs) are quantized by ggml's
+own code (quant/kquants.py). With an importance matrix
 (`imatrix`, export/gguf_imatrix.py) every quantized tensor that has an entry is quantized
 by ggml minimising the imatrix-weighted error, the legacy q* types included.
 
@@ -185,8 +186,8 @@ def _add(writer: GGUFWriter, key: str, kind: str, value) -> None:
 def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None,
                 arch: str = names.ARCH, imatrix: str | Path | None = None, gptq: bool = False,
                 calib_data: list[str] | None = None, calib_samples: int = names.GPTQ_CALIB_SAMPLES,
-                output_tensor_type: str | None = None, token_embedding_type: str | None = None, force: bool = False,
-                progress: bool = True) -> Path:
+                output_tensor_type: str | None = None, token_embedding_type: str | None = None, pure: bool = False,
+                force: bool = False, progress: bool = True) -> Path:
     """Export `checkpoint` to the GGUF file `out` with 2-D weights in `type` (see
     gguf_format.WEIGHT_TYPES), as a `fanformer` or a plain `llama` model, quantized with the
     importance matrix file `imatrix` if given, or with `gptq` (quant/gptq_k.py) on
@@ -194,7 +195,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
     those windows when `calib_data` is given. `type` None: the default (f16), or the type a
     quantized checkpoint is carried into. `output_tensor_type` / `token_embedding_type` set
     those two tensors' types, as llama-quantize's flags of the same names (then its
-    row-length fallback applies)."""
+    row-length fallback applies); `pure` puts every other 2-D weight in `type`'s base type, as
+    llama-quantize --pure, instead of llama.cpp's mixture."""
     checkpoint, out = Path(checkpoint), Path(out)
     asked, type = type, type or names.DEFAULT_WEIGHT_TYPE
     if type not in names.WEIGHT_TYPES:
@@ -238,7 +240,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
         if type in names.FLOAT_TYPES:
             raise FANformerError(f"--gptq only applies to quantized types, not --type {type}")
         # The pass overwrites exactly the weights it returns; the writer takes those from it.
-        precomputed = _gptq(checkpoint, model, type, calib_data, calib_samples, progress)
+        precomputed = _gptq(checkpoint, model, type, calib_data, calib_samples, pure, progress)
     carried_as = names.carried_checkpoint_type(qconfig, asked)
     if qconfig is not None and carried_as is None:
         # GPTQ-layout integers into a K-quant: a K-quant block is an fp16 super-block scale
@@ -301,7 +303,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
 
         fell_back, imatrix_used, unweighted = [], [], []
         carried = {}
-        mixture = type in kquants.MIXTURES or (importance and type in names.LEGACY_TYPES)
+        mixture = type in kquants.MIXTURES or type in names.LEGACY_TYPES
         for key, tensor in model_state_dict(model).items():  # the tied LM head is left out
             if key.endswith(QUANT_SIDE_TENSORS):
                 continue  # written with the layer's .qweight
@@ -338,7 +340,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
                     fell_back.append(f"{name} ({chosen} -> {qtype.name.lower()})")
             elif mixture and array.ndim >= 2:
                 wanted = kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
-                                                   config.tie_embeddings, bool(importance))
+                                              config.tie_embeddings, bool(importance), pure)
                 qtype = kquants.fallback_type(wanted, array.shape[-1])
                 if qtype != wanted:
                     fell_back.append(f"{name} ({wanted.name.lower()} -> {qtype.name.lower()})")
@@ -368,7 +370,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
     return write_file_atomically(out, write)
 
 
-def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, calib_samples: int,
+def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, calib_samples: int, pure: bool,
           progress: bool) -> dict:
     """quant/gptq_k.py's tensors for `model`, calibrated on `calib_data`'s training split."""
     from fanformer.quant.gptq_k import gptq_tensors
@@ -380,5 +382,5 @@ def _gptq(checkpoint: Path, model, type: str, calib_data: list[str] | None, cali
         log.warning("GPTQ runs on Q4_K's grid only (q4_k_s, q4_k_m); the %s tensors are quantized with each "
                     "layer's Hessian diagonal as their importance matrix instead, block by block", type)
     windows = calibration_tokens(load_tokenizer(checkpoint), calib_data, config.calib_samples, config.calib_seq_len)
-    written = gptq_tensors(model, type, windows, config, progress=progress)
+    written = gptq_tensors(model, type, windows, config, pure=pure, progress=progress)
     return {names.gguf_tensor_name(f"{name}.weight"): (qtype, data) for name, (qtype, data, _) in written.items()}

@@ -106,7 +106,7 @@ WEIGHT_TYPES = {
     "iq4_nl": (GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
     "iq4_xs": (GGMLQuantizationType.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
 }
-LEGACY_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # one type for every 2-D weight
+LEGACY_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # one type, but the LM head Q6_K unless q8_0 (llama.cpp)
 # What --output-tensor-type / --token-embedding-type take: single tensor types, llama-quantize's names.
 TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_xs",
                 "iq4_nl", "q3_k", "q2_k")
@@ -179,6 +179,8 @@ class GGUFOptions:
     token_embedding_type: str | None = knob(None, "type of token_embd.weight, as llama-quantize's "
                                                   "--token-embedding-type; default: what --type's mixture says",
                                             choices=TENSOR_TYPES)
+    pure: bool = knob(False, "every 2-D weight in --type's base type, as llama-quantize --pure (default: "
+                             "llama.cpp's mixture for the type, e.g. the LM head in q6_k)")
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in WEIGHT_TYPES:
@@ -202,6 +204,8 @@ class GGUFOptions:
                             ("--token-embedding-type", self.token_embedding_type)):
             if value is not None and value not in TENSOR_TYPES:
                 raise FANformerError(f"unsupported {flag} {value!r}; choose one of {', '.join(TENSOR_TYPES)}")
+        if self.pure and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
+            raise FANformerError(f"--pure only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
         if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
             raise FANformerError(f"--imatrix only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
 
@@ -219,6 +223,8 @@ def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
         parts.append("imatrix")
     if options.gptq:
         parts.append("gptq")
+    if options.pure:
+        parts.append("pure")
     return checkpoint.with_name("-".join(parts) + FILE_SUFFIX)
 
 
@@ -229,7 +235,7 @@ def write(checkpoint: Path, out: Path, options: GGUFOptions, force: bool, valida
     return export_gguf(checkpoint, out, type=options.type, arch=options.arch,
                        imatrix=options.imatrix, gptq=options.gptq, calib_data=list(options.calib_data) or None,
                        calib_samples=options.calib_samples, output_tensor_type=options.output_tensor_type,
-                       token_embedding_type=options.token_embedding_type, force=force)
+                       token_embedding_type=options.token_embedding_type, pure=options.pure, force=force)
 
 
 register(ExportFormat("gguf", "one file for llama.cpp-style runtimes", GGUFOptions, default_output, write))

@@ -108,11 +108,12 @@ def gptq_q4_k(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01, blocksiz
 
 
 def gptq_tensors(model: nn.Module, kind: str, calibration: torch.Tensor, config: GPTQConfig,
-                 layers: dict[str, nn.Linear] | None = None,
+                 layers: dict[str, nn.Linear] | None = None, pure: bool = False,
                  progress: bool = True) -> dict[str, tuple[GGMLQuantizationType, np.ndarray, float]]:
     """{layer name: (type, bytes (rows, row bytes), error)} for `layers` of the float `model`
     (default: every block linear and an untied LM head), quantized block by block on
-    `calibration` windows: GPTQ on the Q4_K grid where the mixture `kind` says Q4_K,
+    `calibration` windows: GPTQ on the Q4_K grid where the mixture `kind` (`pure`: its base
+    type everywhere) says Q4_K,
     Hessian-diagonal-weighted ggml quantization elsewhere; error is ||W - Q||_F / ||W||_F.
     `model`'s weights are replaced by what is stored."""
     from fanformer.quant import stages
@@ -127,7 +128,7 @@ def gptq_tensors(model: nn.Module, kind: str, calibration: torch.Tensor, config:
 
     def quantize_layer(name: str, weight: torch.Tensor, H: torch.Tensor):
         wanted = kquants.mixture_type(kquants.gguf_tensor_name(f"{name}.weight"), kind, c.n_layers,
-                                      c.n_heads // c.n_kv_heads, c.tie_embeddings, True)
+                                      c.n_heads // c.n_kv_heads, c.tie_embeddings, True, pure)
         qtype = kquants.fallback_type(wanted, weight.shape[1])
         if qtype == Q.Q4_K:
             data, dequantized, _ = gptq_q4_k(weight, H, config.percdamp, config.blocksize, name)

@@ -10,9 +10,10 @@ writes. The mixtures (which tensors of a Q4_K_M file get Q6_K, ...) follow llama
 llama.cpp does with any tensor it has no category for. A tensor whose rows are not a
 multiple of the type's block falls back as llama.cpp's `tensor_type_fallback` does.
 
-The legacy types (q4_0 ... q8_0) are quantized here too when an importance matrix is
-given (ggml then minimises the imatrix-weighted error); without one, gguf-py's reference
-quantizer writes the same bytes as ggml's.
+The legacy types (q4_0 ... q8_0) follow llama.cpp's mixture too (the LM head in Q6_K, as
+`llama-quantize FILE OUT Q4_0` writes it; `--pure` keeps one type) and are quantized here
+when an importance matrix is given (ggml then minimises the imatrix-weighted error);
+without one, gguf-py's reference quantizer writes the same bytes as ggml's.
 
 The mixtures key on llama.cpp's tensor names, so FANformer's GGUF tensor names live here
 too (`gguf_tensor_name`; export/gguf_format.py re-exports them): the GGUF export and the
@@ -129,16 +130,20 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def mixture_type(name: str, kind: str, n_layers: int, n_gqa: int, tied: bool, imatrix: bool) -> GGMLQuantizationType:
+def mixture_type(name: str, kind: str, n_layers: int, n_gqa: int, tied: bool, imatrix: bool,
+                 pure: bool = False) -> GGMLQuantizationType:
     """The tensor type llama.cpp's --type `kind` gives the 2-D tensor `name` (before the
     row-length fallback). `kind` is a MIXTURES key or a legacy type (q4_0, q5_0, ...), whose
-    only rule is imatrix's guard on the first eighth of ffn_down."""
+    rules are the LM head's Q6_K and imatrix's guard on the first eighth of ffn_down. `pure`:
+    `kind`'s base type everywhere, as llama-quantize --pure."""
     legacy = kind not in MIXTURES
     base = Q[kind.upper()] if legacy else MIXTURES[kind].base
+    if pure:
+        return base
     match = _LAYER.match(name)
     layer = int(match.group(1)) if match else -1
     if name == "output.weight" or (tied and name == "token_embd.weight"):
-        return base if legacy and base == Q.Q8_0 else (Q.Q6_K if not legacy else base)
+        return base if base == Q.Q8_0 else Q.Q6_K  # legacy types too; Q8_0 stays
     if legacy:
         if name.endswith("ffn_down.weight") and imatrix and layer < n_layers // 8 and base in (Q.Q4_0, Q.Q5_0):
             return Q.Q4_1 if base == Q.Q4_0 else Q.Q5_1  # "guard against craziness in the first ffn_down"

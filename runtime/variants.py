@@ -217,8 +217,10 @@ _add("onnx-int4", "onnx", "MatMulNBits int4, blocks of 32, int8 activations (acc
 # costs in drift (the two graphs compute the same logits to float rounding).
 _add("onnx-int4-plain", "onnx", "MatMulNBits int4 with float activations, standard-op graph", 4,
      exported("onnx", quantize="int4", optimize=False, accuracy_level=0), devices=CPU)
-for _type, _bits in (("f16", 16), ("q8_0", 8), ("q5_0", 5), ("q4_0", 4), ("q4_1", 4)):
-    _add(f"gguf-{_type}", "gguf", _type, _bits, exported("gguf", type=_type), GGUF_FILE.format(f"gguf-{_type}"),
+# The legacy types as llama-quantize writes them: q5_0 / q4_0 / q4_1 with the LM head in Q6_K.
+for _type, _bits, _method in (("f16", 16, "f16"), ("q8_0", 8, "q8_0"), ("q5_0", 5, "llama.cpp's Q5_0 mixture"),
+                              ("q4_0", 4, "llama.cpp's Q4_0 mixture"), ("q4_1", 4, "llama.cpp's Q4_1 mixture")):
+    _add(f"gguf-{_type}", "gguf", _method, _bits, exported("gguf", type=_type), GGUF_FILE.format(f"gguf-{_type}"),
          devices=CPU)
 # llama.cpp's most shipped K-quant mixtures and 4-bit i-quant, plain and with an importance
 # matrix (rows not in whole super-blocks of 256 fall back as llama.cpp's do: see the export log).

@@ -257,10 +257,17 @@ def test_rows_not_in_whole_blocks_fall_back_to_f16_and_are_reported(make_checkpo
     fell_back = {f"blk.{i}.ffn_down.weight" for i in range(2)}
     report = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(report) == 1 and all(name in report[0] for name in fell_back) and "f16" in report[0], report
+    # llama.cpp's LM head is Q6_K, whose 256-wide blocks do not fit rows of 64: Q8_0 instead.
+    assert "output.weight (q6_k -> q8_0)" in report[0], report
 
     def expected(name, array):
-        return T.F32 if array.ndim == 1 else T.F16 if name in fell_back else T.Q4_0
+        return T.F32 if array.ndim == 1 else T.F16 if name in fell_back else T.Q8_0 if name == "output.weight" \
+            else T.Q4_0
     check_round_trip(out, weights(path), expected)
+
+    pure = export_gguf(path, path.with_name("fallback-q4_0-pure.gguf"), type="q4_0", pure=True)
+    check_round_trip(pure, weights(path), lambda name, array: T.F32 if array.ndim == 1 else
+                     T.F16 if name in fell_back else T.Q4_0)  # llama-quantize --pure: the head too
 
     caplog.clear()  # types with no block (f16, bf16, f32) never fall back
     with caplog.at_level(logging.INFO, logger="fanformer.export.gguf_export"):

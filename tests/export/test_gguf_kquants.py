@@ -74,55 +74,69 @@ def file_tensors(path: Path) -> dict:
 
 # --- llama.cpp's bytes -----------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", MIXTURES)
-def test_every_mixture_is_llama_cpps_own_bytes(llama, kind, tmp_path):
-    """llama.cpp quantizes our f32 `llama` file to the same mixture: every tensor, its type
-    and its bytes, equal to our direct export."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp runs through llama-cpp-python")
-    f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
-    ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(names.WEIGHT_TYPES[kind][1])
-    params.nthread = 1
-    theirs = tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    a, b = file_tensors(ours), file_tensors(theirs)
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
-
-
 def llama_cpp_tool(name: str) -> str | None:
     """A llama.cpp program (llama-quantize, ...) on PATH or in $LLAMA_CPP_BIN, or None."""
     return shutil.which(name, path=os.pathsep.join(filter(None, (os.environ.get("LLAMA_CPP_BIN"),
                                                                    os.environ.get("PATH")))))
 
 
-@pytest.mark.skipif(llama_cpp_tool("llama-quantize") is None,
-                    reason="llama.cpp's llama-quantize is not installed (on PATH or in $LLAMA_CPP_BIN)")
+def llama_quantize(f32: Path, out: Path, kind: str, pure: bool = False, imatrix: Path | None = None,
+                   **flags) -> Path:
+    """llama.cpp's quantization of `f32` into `out`: its llama-quantize program where installed,
+    else llama-cpp-python's llama_model_quantize (no importance matrix there: it takes the
+    matrix as a C++ map), else the test is skipped."""
+    if (program := llama_cpp_tool("llama-quantize")) is not None:
+        argv = [program, *(["--pure"] if pure else []), *(["--imatrix", str(imatrix)] if imatrix else [])]
+        for flag, value in flags.items():
+            argv += [f"--{flag.replace('_', '-')}", value]
+        run = subprocess.run([*argv, str(f32), str(out), kind.upper(), "1"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return out
+    if imatrix is not None:
+        pytest.skip("llama.cpp's llama-quantize is not installed (on PATH or in $LLAMA_CPP_BIN)")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp runs through llama-quantize or llama-cpp-python")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(names.WEIGHT_TYPES[kind][1])
+    params.nthread = 1
+    params.pure = pure
+    for flag, value in flags.items():
+        setattr(params, flag, int(GGMLQuantizationType[value.upper()]))
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+def assert_same_tensors(ours: Path, theirs: Path) -> None:
+    """Every tensor of the two files: the same names, types and bytes."""
+    a, b = file_tensors(ours), file_tensors(theirs)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
+@pytest.mark.parametrize("kind,pure", [(kind, False) for kind in MIXTURES + list(names.LEGACY_TYPES)]
+                         + [("q4_0", True), ("q4_k_m", True)])
+def test_every_mixture_is_llama_cpps_own_bytes(llama, kind, pure, tmp_path):
+    """llama.cpp quantizes our f32 `llama` file to the same mixture (the legacy types with the
+    LM head in Q6_K, q8_0 all Q8_0; `pure` one type everywhere, llama-quantize --pure): every
+    tensor, its type and its bytes, equal to our direct export."""
+    f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
+    ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama", pure=pure)
+    assert_same_tensors(ours, llama_quantize(f32, tmp_path / "theirs.gguf", kind, pure))
+
+
 @pytest.mark.parametrize("kind", ["q4_k_m", "q3_k_m", "iq4_xs", "q4_0"])
 def test_llama_quantize_with_our_imatrix_writes_our_bytes(llama, corpus, kind, tmp_path):
     """`llama-quantize --imatrix` given our importance matrix file writes, from our f32 file,
     the very bytes our export writes with it: the file is llama.cpp's format, and the same
-    matrix weighs the same rounding (the legacy q4_0 with llama.cpp's first-ffn_down guard;
-    our legacy files keep the output in the file's type, llama.cpp's --output-tensor-type)."""
+    matrix weighs the same rounding (the legacy q4_0 with llama.cpp's first-ffn_down guard)."""
     from fanformer.export.gguf_imatrix import make_imatrix
 
     imatrix, _, _ = make_imatrix(llama, tmp_path / "m.imatrix.gguf", [str(corpus)], chunks=4, ctx=64,
                                  progress=False)
     f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
     ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama", imatrix=imatrix)
-    theirs = tmp_path / "theirs.gguf"
-    legacy = ["--output-tensor-type", kind] if kind in names.LEGACY_TYPES else []
-    run = subprocess.run([llama_cpp_tool("llama-quantize"), *legacy, "--imatrix", str(imatrix), str(f32),
-                          str(theirs), kind.upper(), "1"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    a, b = file_tensors(ours), file_tensors(theirs)
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(ours, llama_quantize(f32, tmp_path / "theirs.gguf", kind, imatrix=imatrix))
 
 
 # --- Types, values, fallbacks --------------------------------------------------------------
@@ -138,6 +152,14 @@ def test_mixture_rules_on_a_known_model():
     assert kquants.mixture_type("blk.0.attn_v.weight", "q3_k_m", 32, 4, False, False) == T.Q5_K
     assert kquants.mixture_type("blk.0.ffn_down.weight", "q4_0", 32, 1, False, True) == T.Q4_1  # imatrix guard
     assert kquants.mixture_type("blk.0.ffn_down.weight", "q4_0", 32, 1, False, False) == T.Q4_0
+    # The LM head: Q6_K for the legacy types too, but q8_0 keeps Q8_0; a tied embedding is the head.
+    assert kquants.mixture_type("output.weight", "q4_0", 32, 1, False, False) == T.Q6_K
+    assert kquants.mixture_type("output.weight", "q8_0", 32, 1, False, False) == T.Q8_0
+    assert kquants.mixture_type("token_embd.weight", "q5_1", 32, 1, True, False) == T.Q6_K
+    assert kquants.mixture_type("token_embd.weight", "q5_1", 32, 1, False, False) == T.Q5_1
+    for kind in ("q4_0", "q4_k_m"):  # --pure: the base type everywhere
+        assert {kquants.mixture_type(name, kind, 32, 1, False, True, pure=True) for name in
+                ("output.weight", "blk.0.ffn_down.weight", "blk.0.attn_v.weight")} == {names.WEIGHT_TYPES[kind][0]}
 
 
 @pytest.mark.parametrize("kind", MIXTURES)
@@ -283,6 +305,11 @@ def test_imatrix_cli_and_export_flag(fan, corpus, tmp_path, cli_fails, capsys):
     assert main(["export", fan, "--format", "gguf", "--type", "q4_0", "--imatrix", out,
                  "--out", tmp_path / "q.gguf"]) == 0
     assert file_tensors(tmp_path / "q.gguf")["blk.0.ffn_down.weight"].tensor_type == T.Q4_1  # llama.cpp's guard
+    assert main(["export", fan, "--format", "gguf", "--type", "q4_0", "--imatrix", out, "--pure",
+                 "--out", tmp_path / "pure.gguf"]) == 0  # --pure: no guard, no Q6_K head
+    assert {t.tensor_type for t in file_tensors(tmp_path / "pure.gguf").values()} == {T.Q4_0, T.F32}
+    cli_fails(["export", fan, "--format", "gguf", "--type", "f16", "--pure", "--out", tmp_path / "x.gguf"],
+              "--pure only applies to quantized types")
     cli_fails(["imatrix", fan, "--out", out, "--chunks", "4"], "already exists", "--force")
     cli_fails(["export", fan, "--format", "gguf", "--type", "f16", "--imatrix", out, "--out", tmp_path / "x.gguf"],
               "--imatrix only applies to quantized types")
@@ -481,15 +508,7 @@ def test_llama_imatrix_files_are_read_as_llama_quantize_reads_them(llama, corpus
     assert run.returncode == 0, run.stderr[-2000:]
     assert read_imatrix(theirs_imatrix)  # its names and shapes pass our checks
     ours = export_gguf(llama, tmp_path / "ours.gguf", type="q4_k_m", arch="llama", imatrix=theirs_imatrix)
-    theirs = tmp_path / "theirs.gguf"
-    run = subprocess.run([llama_cpp_tool("llama-quantize"), "--imatrix", str(theirs_imatrix), str(f32), str(theirs),
-                          "Q4_K_M", "1"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    a, b = file_tensors(ours), file_tensors(theirs)
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(ours, llama_quantize(f32, tmp_path / "theirs.gguf", "q4_k_m", imatrix=theirs_imatrix))
 
 
 def test_output_and_token_embedding_types_override_the_mixture(fan, tmp_path):
@@ -517,23 +536,11 @@ def test_output_and_token_embedding_types_override_the_mixture(fan, tmp_path):
     assert exited.value.code == 2
 
 
-@pytest.mark.skipif(llama_cpp_tool("llama-quantize") is None,
-                    reason="llama.cpp's llama-quantize is not installed (on PATH or in $LLAMA_CPP_BIN)")
 @pytest.mark.parametrize("kind,flags", [("q4_k_m", {"output_tensor_type": "q8_0", "token_embedding_type": "q6_k"}),
-                                        ("q4_0", {"output_tensor_type": "q6_k"})])
+                                        ("q4_0", {"output_tensor_type": "q4_0"})])
 def test_tensor_type_flags_are_llama_quantizes(llama, kind, flags, tmp_path):
-    """Our flags write what llama-quantize's flags of the same names write; q4_0 with the
-    output in Q6_K is llama-quantize's own default Q4_0 (no flag there)."""
+    """Our flags write what llama-quantize's flags of the same names write (q4_0 with its
+    LM head kept in Q4_0 too)."""
     f32 = export_gguf(llama, tmp_path / "f32.gguf", type="f32", arch="llama")
     ours = export_gguf(llama, tmp_path / "ours.gguf", type=kind, arch="llama", **flags)
-    theirs = tmp_path / "theirs.gguf"
-    argv = [] if kind == "q4_0" else [f"--{k.replace('_', '-')}" if i % 2 == 0 else v
-                                      for k, v in flags.items() for i in (0, 1)]
-    run = subprocess.run([llama_cpp_tool("llama-quantize"), *argv, str(f32), str(theirs), kind.upper(), "1"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    a, b = file_tensors(ours), file_tensors(theirs)
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(ours, llama_quantize(f32, tmp_path / "theirs.gguf", kind, **flags))
