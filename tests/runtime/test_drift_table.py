@@ -192,6 +192,6 @@ def test_quickstart_trains_measures_and_samples(corpus, tmp_path, monkeypatch, c
     saved = json.loads((tmp_path / "qs-drift" / "drift.json").read_text())
     assert code == (0 if saved["passed"] else 1)
     printed = capsys.readouterr().out
-    assert "| gguf-q4_0 | gguf | q4_0 |" in printed
+    assert "| gguf-q4_0 | gguf | llama.cpp's Q4_0 mixture |" in printed
     assert f"sample from gguf-q4_0 ({tmp_path / 'qs-drift' / 'artifacts' / 'gguf-q4_0.gguf'}):\n\ndef " in printed
     cli_fails(["quickstart", "--out", out, "--data", corpus], "qs-drift already holds", "--force")
