@@ -11,8 +11,8 @@ CPU (gloo, the tests) everything stays fp32, as the CPU path of fanformer/traini
 A sharded checkpoint is the usual directory (fanformer/checkpoint.py) with the weights,
 optimizer state and RNG in `sharded/`, every process writing its own shard, instead of
 model.safetensors and training_state.safetensors. DCP reshards on load, so a run may
-resume on another number of processes (the tests resume on the same number; note that
-the global batch is --batch-size x processes). When a run ends (max_steps or --stop-at),
+resume on another number of processes (tested from 2 to 4; the global batch is
+--batch-size x processes, so a resume on another count passes --batch-size to keep it). When a run ends (max_steps or --stop-at),
 the full weights are also gathered into the usual model.safetensors, so the directory
 loads like any other checkpoint. All processes must see the same `--out` (on several
 nodes, a shared filesystem), as DCP requires.

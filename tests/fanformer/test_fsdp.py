@@ -25,11 +25,12 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
 
 
-def torchrun(args, cache_dir):
+def torchrun(args, cache_dir, processes: int = 2):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", FANFORMER_CACHE=str(cache_dir))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fanformer.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), "-m", "fanformer.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -69,6 +70,30 @@ def test_fsdp_matches_one_process_and_resumes_exactly(corpus, cache_dir, tmp_pat
     for key in wf:
         assert torch.equal(wr[key], wf[key]), key
     assert [[r[k] for k in FIELDS] for r in read_metrics(split)] == [[r[k] for k in FIELDS] for r in mf]
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_on_another_process_count(corpus, cache_dir, tmp_path):
+    """A run sharded over 2 processes x batch 2, stopped at step 3, resumes on 4 processes x
+    batch 1 (the same global batch): DCP reshards weights and AdamW state on load, and the
+    run ends where the uninterrupted 2-process run ends."""
+    common = ["train", "--data", str(corpus), "--cache-dir", str(cache_dir), "--vocab-size", str(VOCAB),
+              "--max-seq-len", str(SEQ), "--max-steps", "5", "--lr", "1e-3", "--warmup-steps", "1",
+              "--log-every", "1", "--eval-every", "0", "--eval-batches", "2", "--seed", "7", "--quiet", "--fsdp"]
+    whole, split = tmp_path / "fsdp", tmp_path / "fsdp-4"
+    torchrun(common + ["--batch-size", "2", "--out", str(whole)], cache_dir)
+    torchrun(common + ["--batch-size", "2", "--out", str(split), "--stop-at", "3"], cache_dir)
+    torchrun(["train", "--out", str(split), "--resume", "--batch-size", "1", "--quiet", "--cache-dir",
+              str(cache_dir)], cache_dir, processes=4)
+    assert len(list((split / SHARDED_DIR).glob("*.distcp"))) == 4  # saved again by 4 processes
+    mw, ms = read_metrics(whole), read_metrics(split)
+    assert [r["step"] for r in ms] == [1, 2, 3, 4, 5] and [r["tokens"] for r in ms] == [r["tokens"] for r in mw]
+    for rw, rs in zip(mw, ms):
+        assert rs["loss"] == pytest.approx(rw["loss"], rel=1e-5)
+        assert rs["grad_norm"] == pytest.approx(rw["grad_norm"], rel=1e-5)
+    ww, ws = load_file(str(whole / WEIGHTS_FILE)), load_file(str(split / WEIGHTS_FILE))
+    for key in ww:  # only the reduction order differs: the DDP test's bound
+        torch.testing.assert_close(ws[key], ww[key], atol=1e-4, rtol=0, msg=key)
 
 
 def test_fsdp_needs_torchrun(corpus, cache_dir, tmp_path):
