@@ -211,8 +211,8 @@ class GGUFOptions:
 
 
 def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
-    """The file `<checkpoint>[-llama]-<type>.gguf` beside the checkpoint; a quantized
-    checkpoint's type is the one it is carried into."""
+    """The file `<checkpoint>[-llama]-<type>[-imatrix][-gptq][-pure][-output-T][-embd-T].gguf`
+    beside the checkpoint; a quantized checkpoint's type is the one it is carried into."""
     from fanformer.checkpoint import read_quantization_config
 
     quantization = read_quantization_config(checkpoint)
@@ -225,6 +225,9 @@ def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
         parts.append("gptq")
     if options.pure:
         parts.append("pure")
+    for label, chosen in (("output", options.output_tensor_type), ("embd", options.token_embedding_type)):
+        if chosen is not None:  # files made with other tensor types do not share a name
+            parts.append(f"{label}-{chosen}")
     return checkpoint.with_name("-".join(parts) + FILE_SUFFIX)
 
 

@@ -388,6 +388,9 @@ def test_cli_default_output_and_existing_output_needs_force(capsys, checkpoint, 
     out = default_output(checkpoint, "gguf", type="q8_0")
     assert out == checkpoint.with_name("ckpt-q8_0.gguf")
     assert default_output(checkpoint, "gguf", type="q8_0", arch="llama").name == "ckpt-llama-q8_0.gguf"
+    assert default_output(checkpoint, "gguf", type="q4_0", pure=True).name == "ckpt-q4_0-pure.gguf"
+    assert default_output(checkpoint, "gguf", type="q4_k_m", output_tensor_type="q8_0",
+                          token_embedding_type="q6_k").name == "ckpt-q4_k_m-output-q8_0-embd-q6_k.gguf"
     assert main(["export", str(checkpoint), "--format", "gguf", "--type", "q8_0"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     assert out.read_bytes() == exports["q8_0"].read_bytes()  # deterministic, and the CLI is the library
