@@ -108,7 +108,7 @@ def gptq_q4_k(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01, blocksiz
 
 
 def gptq_tensors(model: nn.Module, kind: str, calibration: torch.Tensor, config: GPTQConfig,
-                 layers: dict[str, nn.Linear] | None = None, pure: bool = False,
+                 layers: dict[str, nn.Linear] | None = None, *, pure: bool = False,
                  progress: bool = True) -> dict[str, tuple[GGMLQuantizationType, np.ndarray, float]]:
     """{layer name: (type, bytes (rows, row bytes), error)} for `layers` of the float `model`
     (default: every block linear and an untied LM head), quantized block by block on
@@ -166,7 +166,7 @@ def gptq_k_quantize(model: nn.Module, layers: dict[str, nn.Linear], config: GPTQ
     `GGMLLinear` holding the blocks `gptq_tensors` wrote."""
     from fanformer.quant.linear import GGMLLinear, swap_in
 
-    written = gptq_tensors(model, config.grid, calibration, config, layers, progress)
+    written = gptq_tensors(model, config.grid, calibration, config, layers, progress=progress)
     swap_in(model, {name: GGMLLinear.from_blocks(data, qtype, layers[name].in_features, layers[name].bias)
                     .to(layers[name].weight.device) for name, (qtype, data, _) in written.items()})
     return {name: LayerError(error) for name, (_, _, error) in written.items()}

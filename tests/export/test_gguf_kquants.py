@@ -426,8 +426,9 @@ def test_gptq_checkpoint_on_the_q4_k_grid_is_carried_byte_for_byte(fan, corpus, 
     from fanformer.quant.config import GPTQConfig
 
     ckpt = tmp_path / "gptq-q4_k_m"
+    # With the progress bar, as `fanformer quantize` runs it (no option of the pass may hang on it).
     quantize_checkpoint(fan, GPTQConfig(grid="q4_k_m", calib_samples=4, lm_head=True), ckpt,
-                        calib_data=[str(corpus)], progress=False)
+                        calib_data=[str(corpus)], progress=True)
     direct = export_gguf(fan, tmp_path / "direct.gguf", type="q4_k_m", gptq=True, calib_data=[str(corpus)],
                          calib_samples=4, progress=False)
     with caplog.at_level(logging.INFO, logger="fanformer.export.gguf_export"):
