@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter,
+from gguf import (GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter,
                   TokenType)
 from gguf import quants
 
@@ -85,15 +85,6 @@ def llama_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     return (weight.reshape(n_head, 2, out // n_head // 2, *weight.shape[1:])
             .swapaxes(1, 2)
             .reshape(weight.shape))
-
-
-def tensor_type(array: np.ndarray, weight_type):
-    """The GGML type a tensor is stored in: F32 for 1-D, else `weight_type` if its rows
-    fit the type's block, else FALLBACK_TYPE."""
-    if array.ndim < 2:
-        return names.SMALL_TENSOR_TYPE
-    block_size, _ = GGML_QUANT_SIZES[weight_type]
-    return weight_type if array.shape[-1] % block_size == 0 else names.FALLBACK_TYPE
 
 
 def llama_blockers(config: FANformerConfig) -> list[str]:
@@ -333,21 +324,19 @@ def export_gguf(checkpoint: str | Path, out: str | Path, type: str | None = None
             elif arch == names.LLAMA_ARCH and key.endswith("attn.k_proj.weight"):
                 array = llama_permute(array, config.n_kv_heads)
             chosen = {"output.weight": output_tensor_type, "token_embd.weight": token_embedding_type}.get(name)
-            if chosen is not None and array.ndim >= 2:
-                wanted = GGMLQuantizationType[chosen.upper()]
-                qtype = kquants.fallback_type(wanted, array.shape[-1])
-                if qtype != wanted:
-                    fell_back.append(f"{name} ({chosen} -> {qtype.name.lower()})")
-            elif mixture and array.ndim >= 2:
-                wanted = kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
-                                              config.tie_embeddings, bool(importance), pure)
-                qtype = kquants.fallback_type(wanted, array.shape[-1])
+            if array.ndim < 2:
+                qtype = names.SMALL_TENSOR_TYPE
+            else:
+                if chosen is not None:  # --output-tensor-type / --token-embedding-type
+                    wanted = GGMLQuantizationType[chosen.upper()]
+                elif mixture:
+                    wanted = kquants.mixture_type(name, type, config.n_layers, config.n_heads // config.n_kv_heads,
+                                                  config.tie_embeddings, bool(importance), pure)
+                else:  # a float type: every row length fits
+                    wanted = weight_type
+                qtype = kquants.fallback_type(wanted, array.shape[-1])  # llama.cpp's, F16 last
                 if qtype != wanted:
                     fell_back.append(f"{name} ({wanted.name.lower()} -> {qtype.name.lower()})")
-            else:
-                qtype = tensor_type(array, weight_type)
-                if qtype != weight_type and array.ndim >= 2:
-                    fell_back.append(f"{name} ({type} -> {qtype.name.lower()})")
             weights = importance.get(name) if qtype not in names.FLOAT_GGML_TYPES else None
             if weights is not None:
                 imatrix_used.append(name)

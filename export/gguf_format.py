@@ -116,10 +116,6 @@ IMATRIX_CTX = 512  # tokens per window of an importance matrix (llama-imatrix's 
 DEFAULT_WEIGHT_TYPE = "f16"
 SMALL_TENSOR_TYPE = GGMLQuantizationType.F32
 FLOAT_GGML_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-# A 2-D tensor whose row length (ne[0] = in_features) is not a multiple of the quant
-# block (32 for every q* type above, so no other q* type fits either) is stored in this
-# type, as llama.cpp's convert_hf_to_gguf.py and llama-quantize both do.
-FALLBACK_TYPE = GGMLQuantizationType.F16
 
 # Tensor names: llama.cpp's, which its quantization mixtures key on (quant/kquants.py).
 gguf_tensor_name, tensor_names = kquants.gguf_tensor_name, kquants.tensor_names
