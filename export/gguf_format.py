@@ -185,25 +185,25 @@ class GGUFOptions:
             raise FANformerError(f"unsupported GGUF architecture {self.arch!r}; choose one of {ARCH}, {LLAMA_ARCH}")
         if self.gptq and self.imatrix is not None:
             raise FANformerError("--gptq measures the layers' full Hessians itself; drop --imatrix")
-        if self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
-            raise FANformerError(f"--gptq only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
+        self._only_quantized("--gptq", self.gptq)
         if self.calib_data and self.imatrix is not None:
             raise FANformerError("--calib-data measures an importance matrix, --imatrix reads one: give one of them")
         if not self.calib_data and not self.gptq and self.calib_samples != GPTQ_CALIB_SAMPLES:
             raise FANformerError("--calib-samples only applies with --calib-data or --gptq")
-        if self.calib_data and not self.gptq and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
-            raise FANformerError(f"--calib-data (an importance matrix) only applies to quantized types, not "
-                                 f"--type {self.type or DEFAULT_WEIGHT_TYPE}")
+        self._only_quantized("--calib-data (an importance matrix)", self.calib_data and not self.gptq)
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise FANformerError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         for flag, value in (("--output-tensor-type", self.output_tensor_type),
                             ("--token-embedding-type", self.token_embedding_type)):
             if value is not None and value not in TENSOR_TYPES:
                 raise FANformerError(f"unsupported {flag} {value!r}; choose one of {', '.join(TENSOR_TYPES)}")
-        if self.pure and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
-            raise FANformerError(f"--pure only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
-        if self.imatrix is not None and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
-            raise FANformerError(f"--imatrix only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
+        self._only_quantized("--pure", self.pure)
+        self._only_quantized("--imatrix", self.imatrix is not None)
+
+    def _only_quantized(self, flag: str, given) -> None:
+        """Refuse `flag`, when `given`, for a float --type: it has nothing to quantize."""
+        if given and (self.type or DEFAULT_WEIGHT_TYPE) in FLOAT_TYPES:
+            raise FANformerError(f"{flag} only applies to quantized types, not --type {self.type or DEFAULT_WEIGHT_TYPE}")
 
 
 def default_output(checkpoint: Path, options: GGUFOptions) -> Path:
