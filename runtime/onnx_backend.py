@@ -22,6 +22,7 @@ from fanformer.export import onnx_format as names
 from fanformer.checkpoint import CONFIG_FILE, load_generation_config
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
+from fanformer.model import apply_rope, rope_cos_sin
 from fanformer.tokenizer import load_tokenizer, special_token_ids
 from fanformer.runtime.backend import Backend, BackendInfo, register
 from fanformer.runtime.guard import check_onnx_session, ort_run
@@ -129,6 +130,38 @@ class OnnxBackend(Backend):
             cache.past = present
         return logits
 
+    batching = True
+
+    def join_caches(self, parts: list[tuple[OnnxCache, list[int]]], length: int) -> OnnxCache:
+        """A cache of `length` positions holding the listed rows of each part, in order, each
+        part's last positions right-aligned (the Backend.join_caches contract). The rows go
+        through host memory (numpy), once per join.
+
+        The fused graph rotates a key by its cache slot (export/onnx_fused.py), so a row that
+        moves from slot s to s + shift gets its keys rotated on by `shift` positions: RoPE
+        rotations compose, and the row's keys are then where its next queries expect them.
+        The plain graph takes positions from the mask and needs no such turn."""
+        c = self.config
+        batch = sum(len(rows) for _, rows in parts)
+        capacity = max(length, min(max(FIRST_CAPACITY, 2 * length), c.max_seq_len)) if self.fused else length
+        joined = [np.zeros((batch, c.n_kv_heads, capacity, c.head_dim), self.kv_dtype) for _ in cache_slots(c)]
+        first = 0
+        for cache, rows in parts:
+            held = cache.length if self.fused else _shape(cache.past[0])[2]
+            take, shift = min(held, length), length - held
+            for i, (value, is_key) in enumerate(zip(cache.past, cache_slots(c))):
+                part = (value if isinstance(value, np.ndarray) else value.numpy())[rows, :, held - take:held]
+                if self.fused and is_key and shift:
+                    part = _rotated(part, shift, c)
+                joined[i][first:first + len(rows), :, length - take:length] = part
+            first += len(rows)
+        if self.fused or self.on_cuda:
+            import onnxruntime as ort
+
+            device = "cuda" if self.on_cuda else "cpu"
+            joined = [ort.OrtValue.ortvalue_from_numpy(array, device, 0) for array in joined]
+        return OnnxCache(joined, length if self.fused else 0)
+
     def _buffers(self, batch: int, capacity: int, old: list | None = None) -> list:
         """One KV buffer per past input, (B, nkv, capacity, hs), holding `old`'s contents."""
         import onnxruntime as ort
@@ -201,3 +234,18 @@ class OnnxBackend(Backend):
         ort_run(self.info.path, self.session.run_with_iobinding, binding)
         outputs = binding.get_outputs()
         return torch.from_numpy(outputs[0].numpy()).float(), list(outputs[1:])
+
+
+def cache_slots(config: FANformerConfig) -> list[bool]:
+    """For each past input in order (key, value per layer): is it a key?"""
+    return [True, False] * config.n_layers
+
+
+def _shape(value) -> tuple:
+    return value.shape if isinstance(value, np.ndarray) else tuple(value.shape())
+
+
+def _rotated(keys: np.ndarray, shift: int, config: FANformerConfig) -> np.ndarray:
+    """Keys (B, nkv, S, hs) rotated by RoPE on by `shift` positions, in fp32, in their dtype."""
+    cos, sin = rope_cos_sin(torch.tensor([[shift]]), config.head_dim, config.rope_theta)  # (1, 1, 1, hs)
+    return apply_rope(torch.from_numpy(keys.astype(np.float32)), cos, sin).numpy().astype(keys.dtype)

@@ -27,7 +27,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     parser.add_argument("--model-name", help="the model's id in the API (default: the file or folder name)")
     parser.add_argument("--max-batch", type=positive_int, default=16,
-                        help="sequences decoded together (default 16; ONNX and genai serve one at a time)")
+                        help="sequences decoded together (default 16; genai serves one at a time)")
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="sequences that may wait; more get HTTP 503 (default 64)")
 
