@@ -8,13 +8,15 @@ Per block (https://github.com/microsoft/onnxruntime/blob/main/docs/ContribOperat
   is the next residual), the first norm -> `SimplifiedLayerNormalization`;
 - the FAN projection is a MatMul with bias whose output is split into P and G and
   concatenated as [cos(P) || sin(P) || G] (GELU on G for the full FAN layer), feeding Q/K/V;
-- Q, K and V are one packed MatMul where the layers are plain linears; CoLA's factors
-  `B silu(A x)` and HybridNorm's per-head Q/K/V RMSNorms (SimplifiedLayerNormalization
-  over head_dim) stay separate nodes;
+- Q, K and V are one packed MatMul where the layers are plain linears; CoLA layers
+  `B silu(A x)` have their three A factors packed into one MatMul and one SiLU, split,
+  then a B factor each; HybridNorm's per-head Q/K/V RMSNorms (SimplifiedLayerNormalization
+  over head_dim) are separate nodes;
 - `GroupQueryAttention` does RoPE (do_rotary, rotate-half), causal GQA and the KV cache in
   one kernel; past and present may be one preallocated buffer (genai's
   past_present_share_buffer, our ONNX backend's IO binding);
-- SwiGLU's gate and up projections are one packed MatMul, then Sigmoid/Mul;
+- SwiGLU's gate and up projections are one packed MatMul (CoLA: their A factors), then
+  Sigmoid/Mul;
 - gated residuals `sigmoid(g) * f(x)` are folded into the output rows of the layer that
   ends f (o_proj, down_proj, or CoLA's B factor; for carried integers, into its scales).
 
@@ -169,6 +171,23 @@ class FusedBuilder:
             return self.linear(self.silu(self.linear(x, [module.lora_a])), [module.lora_b], out_scale)
         return self.linear(x, [module], out_scale)
 
+    def projects(self, x: str, modules: list[nn.Module]) -> list[str]:
+        """Layers that read one input x (Q, K and V; gate and up) in as few nodes as
+        possible: plain linears as one packed node, split; CoLA layers with their A factors
+        packed (one MatMul and one SiLU for the group), split, then each B factor."""
+        if all(isinstance(m, CoLALinear) for m in modules):
+            h = self.silu(self.linear(x, [m.lora_a for m in modules]))
+            parts = self.split(h, [m.rank for m in modules])
+            return [self.linear(part, [m.lora_b]) for part, m in zip(parts, modules)]
+        if all(isinstance(m, nn.Linear) for m in modules):
+            return self.split(self.linear(x, modules), [m.out_features for m in modules])
+        return [self.project(x, m) for m in modules]
+
+    def split(self, x: str, widths: list[int]) -> list[str]:
+        """x's last axis cut into parts of `widths`."""
+        return self.g.op("Split", [x, self.g.const("split", np.array(widths, np.int64))], outputs=len(widths),
+                         axis=-1)
+
     def silu(self, x: str) -> str:
         return self.g.op("Mul", [x, self.g.op("Sigmoid", [x])])
 
@@ -213,7 +232,7 @@ class FusedBuilder:
         if not attn.qkv_norm and all(isinstance(p, nn.Linear) for p in projections):
             q, k, v = self.linear(x, list(projections)), "", ""  # packed QKV
         else:
-            q, k, v = (self.project(x, p) for p in projections)
+            q, k, v = self.projects(x, list(projections))
             if attn.qkv_norm:
                 q = self.head_norm(q, c.n_heads, attn.q_norm)
                 k = self.head_norm(k, c.n_kv_heads, attn.k_norm)
@@ -228,13 +247,7 @@ class FusedBuilder:
         return self.project(y, attn.o_proj, _gate(gate))
 
     def ffn(self, x: str, ffn, gate) -> str:
-        if isinstance(ffn.gate_proj, nn.Linear) and isinstance(ffn.up_proj, nn.Linear):
-            both = self.linear(x, [ffn.gate_proj, ffn.up_proj])
-            width = self.config.ffn_dim
-            g, u = self.g.op("Split", [both, self.g.const("split", np.array([width, width], np.int64))],
-                             outputs=2, axis=-1)
-        else:
-            g, u = self.project(x, ffn.gate_proj), self.project(x, ffn.up_proj)
+        g, u = self.projects(x, [ffn.gate_proj, ffn.up_proj])
         return self.project(self.g.op("Mul", [self.silu(g), u]), ffn.down_proj, _gate(gate))
 
     def common_inputs(self) -> dict:

@@ -234,6 +234,9 @@ def test_fused_graph_runs_attention_and_norms_in_contrib_kernels(fused):
     assert "Softmax" not in ops
     weights = {t.name for t in model.graph.initializer}
     assert all(n.input[1] in weights for n in model.graph.node if n.op_type == "MatMul")  # linears only
+    # Layers that read one input (Q/K/V, gate/up; with CoLA, their A factors) are one node.
+    matmul_inputs = [n.input[0] for n in model.graph.node if n.op_type in ("MatMul", "MatMulNBits")]
+    assert len(matmul_inputs) == len(set(matmul_inputs))
     # Each block adds two residuals, each add fused into the norm after it (the last into the
     # final norm), except HybridNorm's x = z + ffn(z) when no norm follows (blocks 1..n-1).
     hybrid_adds = c.n_layers - 1 if c.norm == "hybrid" else 0
