@@ -104,6 +104,10 @@ class _Graph:
 class FusedBuilder:
     """Writes one FANformer (float, or with quantized layers in `carried`) as a fused graph."""
 
+    # Pack the layers that read one input (`projects`); benchmarks/shared_inputs.py turns it
+    # off to measure what packing gains.
+    pack = True
+
     def __init__(self, model: FANformer, dtype: str = "fp32", carried: dict[str, QuantLinear] | None = None,
                  accuracy_level: int = 0):
         self.model, self.config = model.eval(), model.config
@@ -175,6 +179,8 @@ class FusedBuilder:
         """Layers that read one input x (Q, K and V; gate and up) in as few nodes as
         possible: plain linears as one packed node, split; CoLA layers with their A factors
         packed (one MatMul and one SiLU for the group), split, then each B factor."""
+        if not self.pack:
+            return [self.project(x, m) for m in modules]
         if all(isinstance(m, CoLALinear) for m in modules):
             h = self.silu(self.linear(x, [m.lora_a for m in modules]))
             parts = self.split(h, [m.rank for m in modules])

@@ -1,0 +1,106 @@
+"""What packing the layers that read one input gains: a CoLA model's Q/K/V and gate/up A
+factors run as one matrix (one matmul and one SiLU per group) against one by one, in the
+ggml engine (GGUF) and in the fused ONNX graph, on the same weights.
+
+Both forms of each format are loaded in one process and timed in alternating rounds (the
+machines are shared and noisy): prefill tokens/s of a `--prompt`-token prompt and greedy
+batch-1 decode tokens/s after a 64-token one (runtime/decode_timing.py), the best of
+`--repeats` runs per round, the median over `--rounds`. The model is a random-init preset
+(speed does not depend on the weights); seed-92m is CoLA at rank in/4 on every linear.
+
+    python benchmarks/shared_inputs.py --preset seed-92m --rounds 3
+    python benchmarks/shared_inputs.py --preset seed-92m --gguf-type q8_0 --onnx-quantize int8-wo
+
+Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from decode_formats import random_checkpoint  # benchmarks/: a script's own folder is on sys.path
+from fanformer.config import PRESETS
+from fanformer.export import export
+from fanformer.export.onnx_fused import FusedBuilder
+from fanformer.runtime import load_backend
+from fanformer.runtime.decode_timing import decode_tokens_per_s
+from fanformer.runtime.ggml_engine import GGMLEngine
+
+
+def prefill_tokens_per_s(backend, length: int, repeats: int) -> float:
+    prompt = torch.randint(0, backend.info.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        cache = backend.new_cache(1)
+        start = time.perf_counter()
+        backend.prefill(cache, prompt, mask, last_only=True)
+        best = min(best, time.perf_counter() - start)
+    return length / best
+
+
+def load_variants(checkpoint: Path, work: Path, args) -> dict:
+    """name -> backend: GGUF through the ggml engine and fused ONNX, each packed and not."""
+    gguf = export(checkpoint, "gguf", work / "model.gguf", type=args.gguf_type)
+    variants = {}
+    for pack in (True, False):
+        backend = load_backend(gguf, engine="ggml", threads=args.threads)
+        reader = backend.ggml.reader
+        backend.ggml = GGMLEngine(reader, {t.name: t for t in reader.tensors}, backend.config, args.threads,
+                                  pack=pack)
+        variants[f"ggml-{args.gguf_type}{'' if pack else '-unpacked'}"] = backend
+    onnx_options = {"quantize": args.onnx_quantize} if args.onnx_quantize else {}
+    label = f"onnx-{args.onnx_quantize or 'fp32'}"
+    for pack in (True, False):
+        FusedBuilder.pack = pack
+        try:
+            folder = export(checkpoint, "onnx", work / f"onnx-{pack}", **onnx_options)
+        finally:
+            FusedBuilder.pack = True
+        variants[f"{label}{'' if pack else '-unpacked'}"] = load_backend(folder, threads=args.threads)
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="seed-92m")
+    parser.add_argument("--gguf-type", default="q4_0")
+    parser.add_argument("--onnx-quantize", default="int4", help="the ONNX export's --quantize ('' for fp32)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=256, help="prefill length (default 256)")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per variant per round (best kept)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        variants = load_variants(random_checkpoint(args.preset, work / "ckpt"), work, args)
+        prefill = {name: [] for name in variants}
+        decode = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, backend in variants.items():  # alternating: each round times every variant
+                prefill[name].append(prefill_tokens_per_s(backend, args.prompt, args.repeats))
+                decode[name].append(decode_tokens_per_s(backend, args.decode_steps, args.repeats))
+    print(f"{args.preset}, {args.threads} thread(s), median of {args.rounds} alternating rounds "
+          f"(best of {args.repeats} runs each)\n")
+    print(f"| variant | prefill tok/s ({args.prompt}) | decode tok/s | packed / unpacked (prefill, decode) |")
+    print("|---|---|---|---|")
+    for name in variants:
+        p, d = statistics.median(prefill[name]), statistics.median(decode[name])
+        ratio = ""
+        if not name.endswith("-unpacked"):
+            other = f"{name}-unpacked"
+            ratio = (f"{p / statistics.median(prefill[other]):.2f}x, "
+                     f"{d / statistics.median(decode[other]):.2f}x")
+        print(f"| {name} | {p:,.0f} | {d:,.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
