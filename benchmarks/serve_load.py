@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch (default 16)")
     parser.add_argument("--time-limit", type=float, default=300, help="no new request after this many seconds of a "
                         "run (default 300)")
-    parser.add_argument("--threads", type=int, help="the GGUF engine's threads (default: its own)")
+    parser.add_argument("--threads", type=int, help="the server's --threads, for GGUF and ONNX (default: the engine's own)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per (server, N); the row is the one with the most "
                         "tokens/s (default 1)")
     args = parser.parse_args()

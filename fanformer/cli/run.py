@@ -34,11 +34,20 @@ def backend_options(args: argparse.Namespace) -> dict:
     from fanformer.runtime.backend import detect_format
 
     options = {"device": args.device, **({"dtype": args.dtype} if args.dtype else {})}
-    gguf = {name: value for name, value in (("engine", args.engine), ("threads", args.threads)) if value is not None}
-    if gguf and (args.format or detect_format(args.path)) != "gguf":
-        raise FANformerError(f"{' and '.join('--' + name for name in gguf)} "
-                             f"{'applies' if len(gguf) == 1 else 'apply'} to GGUF files only; {args.path} is not one")
-    return {**options, **gguf}
+    if args.engine is None and args.threads is None:
+        return options
+    format = args.format or detect_format(args.path)
+    if args.engine is not None and format != "gguf":
+        raise FANformerError(f"--engine applies to GGUF files only; {args.path} is not one")
+    if args.threads is not None and format not in THREADED_FORMATS:
+        raise FANformerError(f"--threads applies to GGUF files and ONNX folders only; {args.path} is a {format} "
+                             "model (torch uses its own setting: OMP_NUM_THREADS)")
+    return {**options, **{name: value for name, value in (("engine", args.engine), ("threads", args.threads))
+                          if value is not None}}
+
+
+# The formats whose backends take a thread count (ggml's, onnxruntime's, onnxruntime-genai's).
+THREADED_FORMATS = ("gguf", "onnx", "genai")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -177,8 +186,8 @@ def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     parser.add_argument("--engine", choices=["auto", "ggml", "torch"],
                         help="GGUF files: ggml (llama.cpp's kernels) or torch (default auto: ggml where ggml-python loads)")
-    parser.add_argument("--threads", type=int, help="GGUF files: CPU threads (default: one per physical core for ggml, "
-                        "torch's own setting for torch)")
+    parser.add_argument("--threads", type=positive_int, help="GGUF files and ONNX folders: CPU threads (default: one per "
+                        "physical core for ggml and onnxruntime, torch's own setting for the torch engine)")
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:

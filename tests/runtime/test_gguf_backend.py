@@ -265,6 +265,7 @@ def test_cli_engine_and_threads_flags(capsys, export_to, checkpoint, cli_fails):
         outputs.append(capsys.readouterr().out)
     assert outputs[0].startswith("def ")
     cli_fails(["generate", str(checkpoint), "--prompt", "x", "--engine", "ggml"], "--engine applies to GGUF files")
+    cli_fails(["generate", str(checkpoint), "--prompt", "x", "--threads", "1"], "--threads applies to GGUF files and ONNX")
 
 
 def test_without_ggml_the_torch_engine_runs_with_one_warning(export_to, monkeypatch, caplog):

@@ -33,6 +33,10 @@ def folder(trained) -> Path:
     return out
 
 
+def test_threads_reach_onnxruntime(folder):
+    assert load_backend(folder, threads=1).session.get_session_options().intra_op_num_threads == 1
+
+
 def test_detected_and_described(backend, folder):
     assert backend.info.format == "onnx" and backend.info.dtype == "fp32" and backend.info.device == "cpu"
     assert (backend.info.vocab_size, backend.info.max_seq_len) == (400, 64)
@@ -81,7 +85,7 @@ def test_batch_generation_equals_one_by_one(backend, config):
 
 def test_generate_cli_prints_pytorch_greedy_text(capsys, folder, trained):
     assert main(["generate", str(folder), "--prompt", "def f(", "--greedy", "--max-new-tokens", "24",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     expected = generate(load_backend(trained), ["def f("], GenerationConfig(max_new_tokens=24, temperature=0))
     assert printed == "def f(" + expected[0].text + "\n"
