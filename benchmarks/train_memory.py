@@ -127,15 +127,21 @@ def run_child(spec: dict, timeout: float) -> dict:
 
 
 def largest_batch(points: dict[int, dict], budget: float) -> tuple[str, float | None, float | None]:
-    """(largest micro-batch under budget, fixed bytes, bytes per sequence) from two measured batches."""
+    """(largest micro-batch under budget, fixed bytes, bytes per sequence) from two measured
+    batches. Where the peak did not grow with the batch (the CPU's resident peak can be set
+    by a phase the batch does not change, or move with the allocator), there is no line to
+    extend: the answer is ">= " the largest measured batch that fit, and no fit."""
     fitted = {b: r["peak"] for b, r in points.items() if "peak" in r}
     if not fitted:
         return "0", None, None
+    under = [b for b, peak in fitted.items() if peak <= budget]
     if len(fitted) < 2:
         b, peak = next(iter(fitted.items()))
         return (f">= {b}" if peak <= budget else f"< {b}"), None, None
     (b1, p1), (b2, p2) = sorted(fitted.items())[:2]
-    per_sequence = max((p2 - p1) / (b2 - b1), 1.0)
+    if p2 <= p1:
+        return (f">= {max(under)}" if under else f"< {b1}"), None, None
+    per_sequence = (p2 - p1) / (b2 - b1)
     fixed = p1 - b1 * per_sequence
     return str(max(0, math.floor((budget - fixed) / per_sequence))), fixed, per_sequence
 
@@ -224,7 +230,8 @@ def main() -> None:
             if "over" in r:
                 print(f"{name} at b={b} did not fit: {r['over']}")
     print("largest b: the largest micro-batch whose predicted peak (fixed + b x per seq, from the two smallest "
-          f"measured batches) is under {args.budget_gib:g} GiB")
+          f"measured batches) is under {args.budget_gib:g} GiB; '>= b' where the peak did not grow with the "
+          "batch (it is set by something else: measure larger batches)")
 
 
 if __name__ == "__main__":
