@@ -16,7 +16,7 @@ import pytest
 from fanformer.checkpoint import save_checkpoint
 from fanformer.config import FANformerConfig
 from fanformer.model import FANformer
-from fanformer.tokenizer import save_tokenizer, train_tokenizer
+from fanformer.tokenizer import train_tokenizer
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
