@@ -1,15 +1,19 @@
-"""What packing the layers that read one input gains: a CoLA model's Q/K/V and gate/up A
-factors run as one matrix (one matmul and one SiLU per group) against one by one, in the
-ggml engine (GGUF) and in the fused ONNX graph, on the same weights.
+"""What packing the layers that read one input gains in the fused ONNX graph: a CoLA
+model's Q/K/V and gate/up A factors as one MatMul (one SiLU per group, then a split)
+against one MatMul each, on the same weights (export/onnx_fused.py, `FusedBuilder.pack`).
 
-Both forms of each format are loaded in one process and timed in alternating rounds (the
-machines are shared and noisy): prefill tokens/s of a `--prompt`-token prompt and greedy
-batch-1 decode tokens/s after a 64-token one (runtime/decode_timing.py), the best of
-`--repeats` runs per round, the median over `--rounds`. The model is a random-init preset
-(speed does not depend on the weights); seed-92m is CoLA at rank in/4 on every linear.
+Both graphs are loaded in one process and timed in alternating rounds (the machines are
+shared and noisy): prefill tokens/s of a `--prompt`-token prompt and greedy batch-1
+decode tokens/s after a 64-token one (runtime/decode_timing.py), the best of `--repeats`
+runs per round, the median over `--rounds`. The model is a random-init preset (speed
+does not depend on the weights); seed-92m is CoLA at rank in/4 on every linear.
 
-    python benchmarks/shared_inputs.py --preset seed-92m --rounds 3
-    python benchmarks/shared_inputs.py --preset seed-92m --gguf-type q8_0 --onnx-quantize int8-wo
+    python benchmarks/shared_inputs.py --preset seed-92m --rounds 5
+    python benchmarks/shared_inputs.py --preset seed-92m --quantize ''   # fp32
+
+The same packing in the GGUF backend's ggml engine was measured with a script like this
+one (2026-12-05, seed-92m q4_0, 1 thread, 5 alternating rounds): decode 482.6 tok/s packed,
+480.8 one by one, and prefill 0.97x; no gain, so the engine runs the factors one by one.
 
 Nothing here asserts a speed.
 """
@@ -30,7 +34,6 @@ from fanformer.export import export
 from fanformer.export.onnx_fused import FusedBuilder
 from fanformer.runtime import load_backend
 from fanformer.runtime.decode_timing import decode_tokens_per_s
-from fanformer.runtime.ggml_engine import GGMLEngine
 
 
 def prefill_tokens_per_s(backend, length: int, repeats: int) -> float:
@@ -46,21 +49,14 @@ def prefill_tokens_per_s(backend, length: int, repeats: int) -> float:
 
 
 def load_variants(checkpoint: Path, work: Path, args) -> dict:
-    """name -> backend: GGUF through the ggml engine and fused ONNX, each packed and not."""
-    gguf = export(checkpoint, "gguf", work / "model.gguf", type=args.gguf_type)
+    """name -> backend: the fused ONNX graph, packed and not."""
+    options = {"quantize": args.quantize} if args.quantize else {}
+    label = f"onnx-{args.quantize or 'fp32'}"
     variants = {}
-    for pack in (True, False):
-        backend = load_backend(gguf, engine="ggml", threads=args.threads)
-        reader = backend.ggml.reader
-        backend.ggml = GGMLEngine(reader, {t.name: t for t in reader.tensors}, backend.config, args.threads,
-                                  pack=pack)
-        variants[f"ggml-{args.gguf_type}{'' if pack else '-unpacked'}"] = backend
-    onnx_options = {"quantize": args.onnx_quantize} if args.onnx_quantize else {}
-    label = f"onnx-{args.onnx_quantize or 'fp32'}"
     for pack in (True, False):
         FusedBuilder.pack = pack
         try:
-            folder = export(checkpoint, "onnx", work / f"onnx-{pack}", **onnx_options)
+            folder = export(checkpoint, "onnx", work / f"onnx-{pack}", **options)
         finally:
             FusedBuilder.pack = True
         variants[f"{label}{'' if pack else '-unpacked'}"] = load_backend(folder, threads=args.threads)
@@ -70,12 +66,11 @@ def load_variants(checkpoint: Path, work: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="seed-92m")
-    parser.add_argument("--gguf-type", default="q4_0")
-    parser.add_argument("--onnx-quantize", default="int4", help="the ONNX export's --quantize ('' for fp32)")
+    parser.add_argument("--quantize", default="int4", help="the ONNX export's --quantize ('' for fp32)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=256, help="prefill length (default 256)")
     parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant per round (best kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -42,7 +42,7 @@ import ggml as G
 
 from fanformer.config import FANformerConfig
 from fanformer.errors import FANformerError
-from fanformer.runtime.ggml_graph import PACKED, Graph, Model, Shape, build
+from fanformer.runtime.ggml_graph import Graph, Model, Shape, build
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,10 @@ class GGMLEngine:
     """A GGUF file's model on ggml's CPU backend. `tensors` are the file's tensors by name
     (gguf-py ReaderTensors, already checked against `config`); `reader` keeps their memory
     map alive. `kv_type` is the cache's ggml type (default: `default_kv_type`);
-    `repack=False` leaves every matrix in the file; `pack=False` keeps the CoLA A factors
-    that read one input as separate matrices (`_pack`)."""
+    `repack=False` leaves every matrix in the file."""
 
     def __init__(self, reader, tensors: dict, config: FANformerConfig, threads: int, interleaved_rope: bool = False,
-                 kv_type: int | None = None, repack: bool = True, pack: bool = True):
+                 kv_type: int | None = None, repack: bool = True):
         _warn_without_llamafile()
         self.config, self.reader = config, reader
         self.backend = G.ggml_backend_cpu_init()
@@ -195,10 +194,8 @@ class GGMLEngine:
         self.stores: list[KVStore] = []
         self._buffers, self._contexts = [], []
         weights = self._map_weights(tensors)
-        if pack:
-            weights = self._pack(tensors, weights)
         if repack:
-            weights.update(self._repack(weights))
+            weights.update(self._repack(tensors, weights))
         # llama.cpp's llama files store Q and K rows for interleaved RoPE pairs; the
         # project's own files keep the model's rotate-half pairs (ggml's NEOX mode).
         rope_mode = G.GGML_ROPE_TYPE_NORMAL if interleaved_rope else G.GGML_ROPE_TYPE_NEOX
@@ -222,54 +219,18 @@ class GGMLEngine:
             weights[name] = t
         return weights
 
-    def _pack(self, tensors: dict, weights: dict) -> dict:
-        """`weights` with each group of CoLA A factors that read one input (Q, K and V's; the
-        gate and up projections') stacked row-wise into one matrix, named as in
-        `ggml_graph.PACKED`: one matmul and one SiLU where there were three or two, each
-        member's B factor then reading its rows of the result. A row of any ggml type is
-        whole blocks, so stacking is byte concatenation. A group whose factors differ in
-        type or width (a mixture may give V another type) stays as it is. The members'
-        own tensors leave `weights` (they stay in the file, untouched)."""
-        groups = {}
-        for i in range(self.config.n_layers):
-            for joint, members in PACKED.items():
-                names = [f"blk.{i}.{m}_a.weight" for m in members]
-                if all(n in tensors for n in names) and \
-                        len({(int(tensors[n].tensor_type), int(tensors[n].shape[0])) for n in names}) == 1:
-                    groups[f"blk.{i}.{joint}_a.weight"] = names
-        if not groups:
-            return weights
-        ctx = self._context(len(groups))
-        packed = {}
-        for name, names in groups.items():
-            first = tensors[names[0]]
-            ne = [int(first.shape[0]), sum(int(tensors[n].shape[1]) for n in names)]
-            t = G.ggml_new_tensor(ctx, int(first.tensor_type), 2, (ctypes.c_int64 * 4)(*ne))
-            G.ggml_set_name(t, name.encode())
-            packed[name] = t
-        buffer = G.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
-        self._buffers.append(buffer)
-        for name, names in groups.items():
-            _set(packed[name], np.concatenate([np.ascontiguousarray(tensors[n].data).reshape(-1).view(np.uint8)
-                                               for n in names]))
-        members = {n for names in groups.values() for n in names}
-        return {**{name: t for name, t in weights.items() if name not in members}, **packed}
-
-    def _repack(self, weights: dict) -> dict:
+    def _repack(self, tensors: dict, weights: dict) -> dict:
         """Matrices ggml's CPU_REPACK buffer takes (llama.cpp's default), copied into it once."""
         buffer_type = _repack_buffer_type()
         if buffer_type is None:
             return {}
-        chosen = {name: t for name, t in weights.items()
-                  if name != "token_embd.weight" and t.contents.ne[2] == 1  # get_rows reads the embedding as stored
-                  and t.contents.type == G.GGML_TYPE_Q4_0 and t.contents.ne[1] % 8 == 0}
+        chosen = {name: t for name, t in tensors.items()
+                  if name != "token_embd.weight" and len(t.shape) == 2  # get_rows reads the embedding as stored
+                  and int(t.tensor_type) == G.GGML_TYPE_Q4_0 and int(t.shape[1]) % 8 == 0}
         if not chosen:
             return {}
         ctx = self._context(len(chosen))
-        repacked = {}
-        for name, t in chosen.items():
-            repacked[name] = G.ggml_dup_tensor(ctx, t)
-            G.ggml_set_name(repacked[name], name.encode())
+        repacked = {name: self._new_tensor(ctx, name, tensor) for name, tensor in chosen.items()}
         buffer = G.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buffer_type)
         if not buffer:
             return {}

@@ -29,9 +29,6 @@ import ggml as G
 from fanformer.config import FANformerConfig
 
 GRAPH_NODES = 8192  # ggml's default graph holds 2048 nodes; a 12-layer CoLA model needs ~1,000
-# Linears that read one input, by the name of the matrix their CoLA A factors are stacked
-# into at load (runtime/ggml_engine.py's `_pack`): blk.N.attn_qkv_a.weight, blk.N.ffn_gate_up_a.weight.
-PACKED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
 
 @dataclass(frozen=True)
@@ -123,26 +120,6 @@ class _Net:
             y, bias = G.ggml_mul_mat(ctx, self.w[f"{name}_b.weight"], h), f"{name}_b.bias"
         return G.ggml_add(ctx, y, self.vector(bias)) if self.has(bias) else y
 
-    def linears(self, x, i: int, joint: str) -> list:
-        """The linears of `PACKED[joint]` in block i over their one input x. Where their CoLA
-        A factors were stacked at load: one matmul and one SiLU, then each member's B
-        factor on its rows of the result (a strided view: mul_mat reads it in place)."""
-        names = [f"blk.{i}.{member}" for member in PACKED[joint]]
-        packed = f"blk.{i}.{joint}_a.weight"
-        if not self.has(packed):
-            return [self.linear(x, name) for name in names]
-        ctx = self.ctx
-        h = G.ggml_silu(ctx, G.ggml_mul_mat(ctx, self.w[packed], x))  # (r_1 + r_2 + ..., N)
-        outputs, start = [], 0
-        for name in names:
-            b = self.w[f"{name}_b.weight"]
-            rank = b.contents.ne[0]
-            view = G.ggml_view_2d(ctx, h, rank, h.contents.ne[1], h.contents.nb[1], start * h.contents.nb[0])
-            y = G.ggml_mul_mat(ctx, b, view)
-            outputs.append(G.ggml_add(ctx, y, self.vector(f"{name}_b.bias")) if self.has(f"{name}_b.bias") else y)
-            start += rank
-        return outputs
-
     def fan(self, x, i: int):
         """FANLayer': [cos(P) || sin(P) || act(G)] from the fused projection [P || G] (C, N)."""
         ctx, dp = self.ctx, self.c.d_periodic
@@ -174,10 +151,9 @@ class _Net:
         B, T, N, hs = self.shape.batch, self.shape.tokens, self.shape.batch * self.shape.tokens, c.head_dim
         if c.has_fan:
             x = self.fan(x, i)
-        q, k, v = self.linears(x, i, "attn_qkv")
-        q = G.ggml_reshape_3d(ctx, q, hs, c.n_heads, N)  # (hs, nh, N)
-        k = G.ggml_reshape_3d(ctx, k, hs, c.n_kv_heads, N)  # (hs, nkv, N)
-        v = G.ggml_reshape_3d(ctx, v, hs, c.n_kv_heads, N)
+        q = G.ggml_reshape_3d(ctx, self.linear(x, f"blk.{i}.attn_q"), hs, c.n_heads, N)  # (hs, nh, N)
+        k = G.ggml_reshape_3d(ctx, self.linear(x, f"blk.{i}.attn_k"), hs, c.n_kv_heads, N)  # (hs, nkv, N)
+        v = G.ggml_reshape_3d(ctx, self.linear(x, f"blk.{i}.attn_v"), hs, c.n_kv_heads, N)
         if self.has(f"blk.{i}.attn_q_norm.weight"):  # HybridNorm's QKV-norm, per head
             q, k, v = (self.rms_norm(t, f"blk.{i}.attn_{n}_norm.weight") for t, n in ((q, "q"), (k, "k"), (v, "v")))
         q, k = self.rope(q), self.rope(k)
@@ -190,7 +166,7 @@ class _Net:
 
     def ffn(self, x, i: int):
         """SwiGLU: down(silu(gate x) * up x)."""
-        gate, up = self.linears(x, i, "ffn_gate_up")
+        gate, up = self.linear(x, f"blk.{i}.ffn_gate"), self.linear(x, f"blk.{i}.ffn_up")
         return self.linear(G.ggml_swiglu_split(self.ctx, gate, up), f"blk.{i}.ffn_down")
 
     def residual(self, y, gate: str):

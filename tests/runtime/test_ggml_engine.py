@@ -296,26 +296,3 @@ def test_weights_stay_in_the_file(type_, files):
         inside = start <= G.ggml_get_data(tensor) < stop
         assert inside or (type_ == "q4_0" and name != "token_embd.weight"), name
     assert backend.weight_bytes() == sum(int(t.n_bytes) for t in stored.values())
-
-
-@pytest.mark.parametrize("type_", ["f32", "f16", "q8_0", "q4_0"])
-def test_cola_factors_that_share_an_input_run_as_one_matrix(type_, files):
-    """A CoLA file's Q/K/V and gate/up A factors are stacked into one matrix per group at
-    load (one matmul and SiLU instead of three or two); each B factor reads its rows of the
-    result in place. Same logits as the factors run one by one (each output row is the
-    same dot product), in as many weight bytes as the file's."""
-    from fanformer.runtime.ggml_engine import GGMLEngine
-
-    path = files(type_, "cola")
-    backend = load_backend(path, engine="ggml")
-    reader = backend.ggml.reader
-    weights = backend.ggml.model.weights
-    for i in range(backend.config.n_layers):
-        assert {f"blk.{i}.attn_qkv_a.weight", f"blk.{i}.ffn_gate_up_a.weight"} <= set(weights)
-        assert f"blk.{i}.attn_q_a.weight" not in weights and f"blk.{i}.ffn_up_a.weight" not in weights
-    assert backend.weight_bytes() == sum(int(t.n_bytes) for t in reader.tensors)
-    ids = prompt(backend)
-    packed = backend.score(ids)
-    backend.ggml = GGMLEngine(reader, {t.name: t for t in reader.tensors}, backend.config, 1, pack=False)
-    assert "blk.0.attn_qkv_a.weight" not in backend.ggml.model.weights
-    torch.testing.assert_close(packed, backend.score(ids), rtol=0, atol=1e-5 * float(packed.abs().max()))
