@@ -196,6 +196,9 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # The process group for the loop's CPU-side flags (a stop request): gloo, so that agreeing
+    # on one never waits for the GPU's queue. None: the default group, already gloo on the CPU.
+    control: object = None
 
     @property
     def main(self) -> bool:
@@ -212,7 +215,8 @@ def init_distributed() -> Dist:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    return Dist(rank, world, local_rank)
+    control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")  # every rank, in step
+    return Dist(rank, world, local_rank, control)
 
 
 def default_device(dist_info: Dist) -> torch.device:
@@ -373,12 +377,14 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signal = signum
 
-    def requested(self, dist_info: Dist, device: torch.device) -> bool:
-        """Whether any process was asked to stop: every rank must stop at the same step."""
+    def requested(self, dist_info: Dist) -> bool:
+        """Whether any process was asked to stop: every rank must stop at the same step.
+        Asked every step, over the CPU-side group: a flag on the GPU, all-reduced by NCCL and
+        read back, would wait for every queued kernel, a host sync per step."""
         if dist_info.world == 1:
             return self.signal is not None
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        dist.all_reduce(flag)
+        flag = torch.tensor(float(self.signal is not None))
+        dist.all_reduce(flag, group=dist_info.control)
         return bool(flag.item())
 
 
@@ -484,7 +490,7 @@ def train(model: FANformer, tokenizer, train_tokens: np.ndarray, val_tokens: np.
             saving = bool(config.save_every and step % config.save_every == 0) or step == stop
             if saving:
                 checkpoint()
-            if step < stop and stopper.requested(dist_info, device):
+            if step < stop and stopper.requested(dist_info):
                 if not saving:
                     checkpoint()  # the last finished step, so --resume continues exactly
                 if dist_info.main:
