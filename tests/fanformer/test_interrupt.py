@@ -63,3 +63,29 @@ def test_interrupted_training_resumes_exactly(corpus, cache_dir, tmp_path, signu
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(corpus, cache_dir, tmp_path):
+    """SIGTERM to rank 1 alone of a 2-process run (gloo): the ranks agree on stopping at the
+    step's end (an all-reduce of the flag), rank 0 saves that step and both exit 130. Were
+    rank 0 not told, it would go on alone and fail in DDP's next gradient all-reduce."""
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", FANFORMER_CACHE=str(cache_dir))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fanformer.cli", "train", "--preset", "tiny", "--data", str(corpus), "--out", str(out),
+               "--cache-dir", str(cache_dir), "--quiet", *flags(MODEL), *flags(TRAIN)]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while logged_steps(out) < 3 and agent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(pid) for pid in open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()]
+    rank_1 = next(pid for pid in workers if "RANK=1" in open(f"/proc/{pid}/environ").read().split("\0"))
+    os.kill(rank_1, signal.SIGTERM)
+    _, err = agent.communicate(timeout=180)
+    stopped = json.loads((out / TRAINER_STATE_FILE).read_text())["step"]
+    assert f"stopped after step {stopped}" in err, err[-3000:]
+    assert "Traceback" not in err.split("stopped after step")[0], err[-3000:]
+    assert 3 <= stopped < TRAIN["max_steps"]
+    assert [json.loads(line)["step"] for line in (out / METRICS_FILE).read_text().splitlines()] == \
+        list(range(1, stopped + 1))
