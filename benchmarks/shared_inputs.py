@@ -23,29 +23,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from decode_formats import random_checkpoint  # benchmarks/: a script's own folder is on sys.path
+from decode import best_seconds, random_prompt, time_prefill  # benchmarks/: a script's own folder is on sys.path
+from decode_formats import random_checkpoint
 from fanformer.config import PRESETS
 from fanformer.export import export
 from fanformer.export.onnx_fused import FusedBuilder
 from fanformer.runtime import load_backend
 from fanformer.runtime.decode_timing import decode_tokens_per_s
-
-
-def prefill_tokens_per_s(backend, length: int, repeats: int) -> float:
-    prompt = torch.randint(0, backend.info.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(prompt)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up
-        cache = backend.new_cache(1)
-        start = time.perf_counter()
-        backend.prefill(cache, prompt, mask, last_only=True)
-        best = min(best, time.perf_counter() - start)
-    return length / best
 
 
 def load_variants(checkpoint: Path, work: Path, args) -> dict:
@@ -81,7 +69,8 @@ def main() -> None:
         decode = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, backend in variants.items():  # alternating: each round times every variant
-                prefill[name].append(prefill_tokens_per_s(backend, args.prompt, args.repeats))
+                prompt = random_prompt(backend, 1, args.prompt)
+                prefill[name].append(args.prompt / best_seconds(lambda: time_prefill(backend, prompt), args.repeats))
                 decode[name].append(decode_tokens_per_s(backend, args.decode_steps, args.repeats))
     print(f"{args.preset}, {args.threads} thread(s), median of {args.rounds} alternating rounds "
           f"(best of {args.repeats} runs each)\n")

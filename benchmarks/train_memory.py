@@ -133,12 +133,12 @@ def largest_batch(points: dict[int, dict], budget: float) -> tuple[str, float | 
     fitted = {b: r["peak"] for b, r in points.items() if "peak" in r}
     if not fitted:
         return "0", None, None
-    under = [b for b, peak in fitted.items() if peak <= budget]
     if len(fitted) < 2:
         b, peak = next(iter(fitted.items()))
         return (f">= {b}" if peak <= budget else f"< {b}"), None, None
     (b1, p1), (b2, p2) = sorted(fitted.items())[:2]
     if p2 <= p1:
+        under = [b for b, peak in fitted.items() if peak <= budget]
         return (f">= {max(under)}" if under else f"< {b1}"), None, None
     per_sequence = (p2 - p1) / (b2 - b1)
     fixed = p1 - b1 * per_sequence

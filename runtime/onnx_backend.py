@@ -144,14 +144,14 @@ class OnnxBackend(Backend):
         c = self.config
         batch = sum(len(rows) for _, rows in parts)
         capacity = max(length, min(max(FIRST_CAPACITY, 2 * length), c.max_seq_len)) if self.fused else length
-        joined = [np.zeros((batch, c.n_kv_heads, capacity, c.head_dim), self.kv_dtype) for _ in cache_slots(c)]
+        joined = [np.zeros((batch, c.n_kv_heads, capacity, c.head_dim), self.kv_dtype) for _ in range(2 * c.n_layers)]
         first = 0
         for cache, rows in parts:
             held = cache.length if self.fused else _shape(cache.past[0])[2]
             take, shift = min(held, length), length - held
-            for i, (value, is_key) in enumerate(zip(cache.past, cache_slots(c))):
+            for i, value in enumerate(cache.past):  # key, value per layer (onnx_format.past_names)
                 part = (value if isinstance(value, np.ndarray) else value.numpy())[rows, :, held - take:held]
-                if self.fused and is_key and shift:
+                if self.fused and i % 2 == 0 and shift:  # a key
                     part = _rotated(part, shift, c)
                 joined[i][first:first + len(rows), :, length - take:length] = part
             first += len(rows)
@@ -234,11 +234,6 @@ class OnnxBackend(Backend):
         ort_run(self.info.path, self.session.run_with_iobinding, binding)
         outputs = binding.get_outputs()
         return torch.from_numpy(outputs[0].numpy()).float(), list(outputs[1:])
-
-
-def cache_slots(config: FANformerConfig) -> list[bool]:
-    """For each past input in order (key, value per layer): is it a key?"""
-    return [True, False] * config.n_layers
 
 
 def _shape(value) -> tuple:

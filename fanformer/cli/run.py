@@ -29,6 +29,10 @@ def generation_config(args: argparse.Namespace, defaults: dict):
     return GenerationConfig(**{k: v for k, v in chosen.items() if v is not None})
 
 
+# The formats whose backends take a thread count (ggml's, onnxruntime's, onnxruntime-genai's).
+THREADED_FORMATS = ("gguf", "onnx", "genai")
+
+
 def backend_options(args: argparse.Namespace) -> dict:
     from fanformer.errors import FANformerError
     from fanformer.runtime.backend import detect_format
@@ -44,10 +48,6 @@ def backend_options(args: argparse.Namespace) -> dict:
                              "model (torch uses its own setting: OMP_NUM_THREADS)")
     return {**options, **{name: value for name, value in (("engine", args.engine), ("threads", args.threads))
                           if value is not None}}
-
-
-# The formats whose backends take a thread count (ggml's, onnxruntime's, onnxruntime-genai's).
-THREADED_FORMATS = ("gguf", "onnx", "genai")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
